@@ -1,0 +1,169 @@
+"""Attempt directories: layout, input staging with a manifest, output registration."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from jobcell.model.canonical import canonical_json
+
+VALUE_FILE = "output.json"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class AttemptPaths:
+    """Where one attempt keeps its files."""
+
+    root: Path
+
+    @property
+    def input_dir(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def stdout(self) -> Path:
+        return self.root / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.root / "stderr.log"
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One registered output file."""
+
+    name: str
+    path: Path
+    size: int
+    blake3: str
+
+
+def file_blake3(path: Path) -> str:
+    """BLAKE3 hex digest of a file's content."""
+    hasher = blake3.blake3()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _link_tree(source: Path, target: Path) -> list[dict[str, Any]]:
+    """Mirror ``source`` into ``target`` with hardlinks (symlinks as a fallback)."""
+    files: list[dict[str, Any]] = []
+    target.mkdir(parents=True, exist_ok=True)
+    if not source.is_dir():
+        return files
+    for dirpath, dirnames, filenames in os.walk(source):
+        rel_dir = Path(dirpath).relative_to(source)
+        for name in dirnames:
+            (target / rel_dir / name).mkdir(exist_ok=True)
+        for name in filenames:
+            src, dst = Path(dirpath) / name, target / rel_dir / name
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            else:
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    os.symlink(src, dst)
+            files.append({"path": str(rel_dir / name), "size": src.lstat().st_size})
+    return files
+
+
+def _read_value(output_dir: Path) -> Any:
+    try:
+        return json.loads((output_dir / VALUE_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str, Path],
+                    layout: str) -> AttemptPaths:
+    """Create the attempt directory and stage upstream outputs under ``input/``.
+
+    ``upstream`` maps each input node id to that node's output directory. In the
+    ``nested`` layout (pipelines) each goes to ``input/<node_id>/``; in the
+    ``flat`` layout (ordered steps) the single predecessor's files go to ``input/``.
+    An ``inputs.json`` manifest lists every staged file.
+    """
+    paths = AttemptPaths(root)
+    root.mkdir(parents=True, exist_ok=False)
+    paths.output_dir.mkdir()
+    manifest: dict[str, Any] = {}
+    for node_id, source in upstream.items():
+        target = paths.input_dir if layout == "flat" else paths.input_dir / node_id
+        files = _link_tree(source, target)
+        manifest[node_id] = {"dir": str(target), "files": files, "value": _read_value(source)}
+    paths.input_dir.mkdir(exist_ok=True)
+    (root / "inputs.json").write_text(canonical_json({"inputs": manifest}), encoding="utf-8")
+    step_input = {"params": dict(params), "input_dir": str(paths.input_dir),
+                  "output_dir": str(paths.output_dir), "inputs": manifest}
+    (root / "input.json").write_text(canonical_json(step_input), encoding="utf-8")
+    return paths
+
+
+def missing_outputs(output_dir: Path, declared: list[str]) -> list[str]:
+    """Declared outputs that the attempt did not produce."""
+    return [name for name in declared if not (output_dir / name).exists()]
+
+
+def register_outputs(output_dir: Path) -> list[OutputFile]:
+    """Every file under ``output_dir`` with size and digest; files become read-only."""
+    found: list[OutputFile] = []
+    for dirpath, _dirnames, filenames in os.walk(output_dir):
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            mode = path.stat().st_mode
+            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            found.append(OutputFile(str(path.relative_to(output_dir)), path,
+                                    path.stat().st_size, file_blake3(path)))
+    return sorted(found, key=lambda f: f.name)
+
+
+def read_value(output_dir: Path) -> Any:
+    """The step's JSON value (``output.json``), or None."""
+    return _read_value(output_dir)
+
+
+def read_error_report(attempt_dir: Path) -> dict[str, Any] | None:
+    """The error report a Python runner wrote, or None."""
+    try:
+        data = json.loads((attempt_dir / "error.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` lines of a text file, read from the end."""
+    if count <= 0:
+        return []
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            position = handle.tell()
+            data = b""
+            while position > 0 and data.count(b"\n") <= count:
+                step = min(_CHUNK // 16, position)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[-count:]

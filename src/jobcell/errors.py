@@ -1,0 +1,33 @@
+"""Errors users see. Each carries one clear sentence: what was wrong, and where."""
+
+from __future__ import annotations
+
+
+class JobcellError(Exception):
+    """Base class for every error jobcell reports to a user."""
+
+    exit_code = 1
+
+
+class ConfigError(JobcellError):
+    """A configuration value or the cell home is unusable."""
+
+
+class RunnerDefinitionError(JobcellError):
+    """A runner definition is invalid (names the file, the field and the problem)."""
+
+
+class SpecError(JobcellError):
+    """A job spec is invalid (names the field and the problem)."""
+
+
+class NotFoundError(JobcellError):
+    """A job, step or runner does not exist."""
+
+
+class QuotaError(JobcellError):
+    """Submitting would exceed a configured quota."""
+
+
+class WorkerError(JobcellError):
+    """The worker could not be started, stopped or reached."""

@@ -1,0 +1,1 @@
+"""Where artifact steps run. Each backend builds commands with pure functions."""

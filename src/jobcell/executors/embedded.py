@@ -1,0 +1,150 @@
+"""Embedded executor: each attempt is a local wrapper process in its own session.
+
+Liveness is an ``flock`` on ``<attempt>/.lock``: the worker takes the lock,
+hands the locked descriptor to the wrapper (and so to the runner), and closes
+its own copy. The lock is held exactly as long as some process of the attempt
+lives, so a later worker can tell "still running" from "interrupted" without
+trusting PIDs, and there is no window in which a started attempt looks dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobcell.executors.base import Launch, Phase, Status
+
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class _Tracked:
+    attempt_dir: Path
+    pid: int | None
+    process: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
+
+
+def read_exit_code(attempt_dir: Path) -> int | None:
+    """The exit code the wrapper recorded, or None when there is none (yet)."""
+    try:
+        text = (attempt_dir / "exit_code").read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def lock_held(attempt_dir: Path) -> bool:
+    """Whether some process of the attempt still holds its lock."""
+    try:
+        fd = os.open(attempt_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class EmbeddedExecutor:
+    """Runs attempts as local child processes through the wrapper script."""
+
+    name = "embedded"
+
+    def __init__(self, wrapper_path: Path, shell: str = "/bin/bash") -> None:
+        self.wrapper_path = wrapper_path
+        self.shell = shell
+        self._tracked: dict[str, _Tracked] = {}
+        self._orphans: list[subprocess.Popen[bytes]] = []
+
+    def submit(self, launches: list[Launch]) -> dict[str, int]:
+        return {launch.key: self._start(launch) for launch in launches}
+
+    def _start(self, launch: Launch) -> int:
+        lock_fd = os.open(launch.attempt_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with open(launch.attempt_dir / "wrapper.log", "ab") as log:
+                process = subprocess.Popen(
+                    [self.shell, str(self.wrapper_path), str(launch.attempt_dir),
+                     *launch.argv],
+                    cwd=launch.attempt_dir, env=launch.env, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    pass_fds=(lock_fd,))
+        finally:
+            os.close(lock_fd)
+        pidfd = None
+        with contextlib.suppress(OSError, AttributeError):
+            pidfd = os.pidfd_open(process.pid)
+        self._tracked[launch.key] = _Tracked(launch.attempt_dir, process.pid, process, pidfd)
+        return process.pid
+
+    def adopt(self, key: str, attempt_dir: Path, backend_id: int | None) -> None:
+        self._tracked[key] = _Tracked(attempt_dir, backend_id)
+
+    def tracked(self) -> set[str]:
+        """Keys of the attempts this executor is watching."""
+        return set(self._tracked)
+
+    def poll(self) -> dict[str, Status]:
+        return {key: self._status(item) for key, item in self._tracked.items()}
+
+    @staticmethod
+    def _status(item: _Tracked) -> Status:
+        if item.process is not None:
+            if item.process.poll() is None:
+                return Status(Phase.RUNNING)
+            if lock_held(item.attempt_dir):
+                # The wrapper is gone but the runner it started still holds the lock.
+                return Status(Phase.RUNNING)
+        else:
+            code = read_exit_code(item.attempt_dir)
+            if code is not None:
+                return Status(Phase.EXITED, code)
+            if lock_held(item.attempt_dir):
+                return Status(Phase.RUNNING)
+        code = read_exit_code(item.attempt_dir)
+        if code is not None:
+            return Status(Phase.EXITED, code)
+        return Status(Phase.INTERRUPTED)
+
+    def terminate(self, key: str, force: bool = False) -> None:
+        item = self._tracked.get(key)
+        if item is None or item.pid is None:
+            return
+        if item.process is None and not lock_held(item.attempt_dir):
+            return  # nothing of this attempt is alive; the PID may belong to someone else now
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(item.pid, signal.SIGKILL if force else signal.SIGTERM)
+
+    def forget(self, key: str) -> None:
+        item = self._tracked.pop(key, None)
+        if item is None:
+            return
+        if item.pidfd is not None:
+            os.close(item.pidfd)
+        if item.process is not None and item.process.poll() is None:
+            # Still alive (e.g. being killed): reap later without blocking.
+            self._orphans.append(item.process)
+
+    def wait(self, timeout: float) -> None:
+        self._orphans = [p for p in self._orphans if p.poll() is None]
+        fds = [item.pidfd for item in self._tracked.values()
+               if item.pidfd is not None and item.process is not None
+               and item.process.returncode is None]
+        if fds:
+            select.select(fds, [], [], timeout)
+        elif timeout > 0:
+            select.select([], [], [], timeout)

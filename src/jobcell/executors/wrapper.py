@@ -1,0 +1,45 @@
+"""The step wrapper: the durable protocol every artifact step runs through.
+
+In its attempt directory the wrapper writes ``child.pid`` (the runner's real
+PID), runs the runner with stdout/stderr to ``stdout.log``/``stderr.log``, and
+always writes ``exit_code`` atomically (temp file + rename), also when it is
+stopped by TERM, INT or HUP. The runner's argv is passed as the wrapper's own
+arguments, so no user value is ever parsed by a shell.
+"""
+
+from __future__ import annotations
+
+WRAPPER_VERSION = 1
+
+
+def wrapper_script(shell: str = "/bin/bash") -> str:
+    """The wrapper's text. Usage: ``wrapper.sh ATTEMPT_DIR COMMAND [ARG...]``."""
+    return f"""#!{shell}
+# jobcell step wrapper v{WRAPPER_VERSION}: runs one runner attempt and records how it ended.
+# usage: wrapper.sh ATTEMPT_DIR COMMAND [ARG...]
+set -u
+cd "$1" || exit 97
+shift
+child=
+finish() {{
+  printf '%s\\n' "$1" > exit_code.tmp && mv -f exit_code.tmp exit_code
+  exit "$1"
+}}
+on_signal() {{
+  trap '' TERM INT HUP
+  if [ -n "$child" ]; then
+    kill -s "$1" "$child" 2>/dev/null
+    wait "$child"
+    finish "$?"
+  fi
+  finish "$2"
+}}
+trap 'on_signal TERM 143' TERM
+trap 'on_signal INT 130' INT
+trap 'on_signal HUP 129' HUP
+"$@" > stdout.log 2> stderr.log < /dev/null &
+child=$!
+printf '%s\\n' "$child" > child.pid.tmp && mv -f child.pid.tmp child.pid
+wait "$child"
+finish "$?"
+"""

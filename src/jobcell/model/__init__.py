@@ -1,0 +1,1 @@
+"""Pure data and rules: specs, runner definitions, DAG compile, states, hashes. No I/O."""

@@ -1,0 +1,136 @@
+"""Runner definitions: the allowlist of what may run, with declared resources."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobcell.model.canonical import hash_value
+from jobcell.model.params import ParamSpec
+from jobcell.model.templating import BUILTIN_PLACEHOLDERS, placeholders
+
+NAME_PATTERN = r"[A-Za-z0-9_.-]+"
+_NAME_RE = re.compile(NAME_PATTERN)
+_CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def check_name(value: str, what: str) -> str:
+    """Validate a runner or node name: ``[A-Za-z0-9_.-]+`` and not ``.``/``..``."""
+    if not _NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} must match {NAME_PATTERN} and not be '.' or '..'")
+    return value
+
+
+def check_relative_path(value: str, what: str) -> str:
+    """Validate a path that must stay inside its directory."""
+    parts = value.replace("\\", "/").split("/")
+    if not value or value.startswith("/") or any(p in ("..", "") for p in parts):
+        raise ValueError(f"{what} {value!r} must be a relative path inside its directory")
+    return value
+
+
+class Resources(BaseModel):
+    """What one step of a runner needs while it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_mb: int = Field(default=256, ge=0)
+    cpu_slots: int = Field(default=1, ge=0)
+    timeout_s: float = Field(default=3600, gt=0)
+
+
+class RunnerDefinition(BaseModel):
+    """One allowlisted, versioned, resource-declared runner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str = "0"
+    plane: Literal["artifact", "session"] = "artifact"
+    description: str | None = None
+    command: str | None = None
+    python: str | None = None
+    python_path: list[str] = Field(default_factory=list)
+    args_template: list[str] = Field(default_factory=list)
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    concurrency_group: str | None = None
+    max_concurrent: int | None = Field(default=None, ge=1)
+    cacheable: bool = True
+    retries: int = Field(default=0, ge=0, le=100)
+    outputs: list[str] = Field(default_factory=list)
+    # Set by the registry, not by the author:
+    runner_dir: str | None = None
+    command_path: str | None = None
+    source: str | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "runner name")
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, value: list[str]) -> list[str]:
+        return [check_relative_path(v, "declared output") for v in value]
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"param name {name!r} must be an identifier")
+            if name in BUILTIN_PLACEHOLDERS:
+                raise ValueError(f"param name {name!r} is reserved for a built-in placeholder")
+        return value
+
+    @model_validator(mode="after")
+    def _command_or_python(self) -> RunnerDefinition:
+        if (self.command is None) == (self.python is None):
+            raise ValueError("exactly one of 'command' or 'python' must be given")
+        if self.python is not None:
+            if not _CALLABLE_RE.fullmatch(self.python):
+                raise ValueError(f"python {self.python!r} must look like 'package.module:function'")
+            if self.args_template:
+                raise ValueError("'args_template' is not used with 'python' runners")
+        allowed = BUILTIN_PLACEHOLDERS | set(self.params)
+        for item in self.args_template:
+            unknown = placeholders(item) - allowed
+            if unknown:
+                raise ValueError(
+                    f"args_template item {item!r} uses unknown placeholder {{{sorted(unknown)[0]}}}"
+                )
+        return self
+
+    @property
+    def group(self) -> str:
+        """The concurrency group: the declared one, else the runner's name."""
+        return self.concurrency_group or self.name
+
+    def definition_hash(self) -> str:
+        """Hash of everything that determines what this runner does."""
+        payload = self.model_dump(mode="json", exclude={"source", "description"})
+        return hash_value(payload)
+
+
+def runner_argv(runner: RunnerDefinition, values: dict[str, Any]) -> list[str]:
+    """The full argv of one step: the resolved command, then the rendered template.
+
+    ``values`` holds the step's params and the built-in placeholders.
+    """
+    from jobcell.model.templating import render_args
+
+    command = runner.command_path or runner.command
+    if runner.python is not None:
+        return [command or "python3", "-m", "jobcell.pyrunner", runner.python,
+                str(values["step_dir"])]
+    assert command is not None
+    return [command, *render_args(runner.args_template, values)]

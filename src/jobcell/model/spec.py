@@ -1,0 +1,201 @@
+"""Job specs (ordered steps or a DAG pipeline) and their compilation to durable steps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jobcell.errors import SpecError
+from jobcell.model.canonical import canonical_json, hash_value
+from jobcell.model.dag import CycleError, topological_order
+from jobcell.model.params import validate_params
+from jobcell.model.runner import Resources, RunnerDefinition, check_name
+from jobcell.model.validation import describe_validation_error
+
+MAX_SPEC_BYTES = 1_048_576
+MAX_STEPS = 10_000
+SPEC_HASH_VERSION = 1
+
+
+class NodeSpec(BaseModel):
+    """One node of a pipeline, or one ordered step (where ``id`` may be omitted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    runner: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[str] = Field(default_factory=list)
+    cache: bool | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "node id")
+
+
+class JobSpec(BaseModel):
+    """What a user submits: a label, tags, priority and steps or a pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    tags: list[str] = Field(default_factory=list)
+    priority: int = 0
+    cache: bool = True
+    steps: list[NodeSpec] | None = None
+    pipeline: list[NodeSpec] | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("label must be a non-empty string naming the submitting domain")
+        if len(value) > 200 or any(ord(c) < 32 for c in value):
+            raise ValueError("label must be at most 200 printable characters")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not tag or len(tag) > 200 or any(ord(c) < 32 for c in tag):
+                raise ValueError(f"tag {tag!r} must be 1-200 printable characters")
+        return sorted(set(value))
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """One step in the durable step model, with everything resolved at submit."""
+
+    step_id: str
+    index: int
+    runner: RunnerDefinition
+    runner_hash: str
+    params: dict[str, Any]
+    inputs: tuple[str, ...]
+    input_layout: Literal["nested", "flat"]
+    cache: bool
+
+    @property
+    def resources(self) -> Resources:
+        return self.runner.resources
+
+
+@dataclass(frozen=True)
+class CompiledJob:
+    """A validated job: its canonical spec, ``spec_hash`` and ordered steps."""
+
+    label: str
+    tags: tuple[str, ...]
+    priority: int
+    cache: bool
+    spec: dict[str, Any]
+    spec_hash: str
+    steps: tuple[CompiledStep, ...]
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate raw spec data (a dict, or a JobSpec) into a :class:`JobSpec`."""
+    if isinstance(data, JobSpec):
+        data = data.model_dump(exclude_none=True)
+    if not isinstance(data, dict):
+        raise SpecError(f"a job spec must be a mapping, got {type(data).__name__}")
+    try:
+        size = len(canonical_json(data).encode("utf-8"))
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"the job spec is not JSON-serialisable: {exc}") from None
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"the job spec is {size} bytes; the limit is {MAX_SPEC_BYTES}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(describe_validation_error(exc, "job spec")) from None
+    if (spec.steps is None) == (spec.pipeline is None):
+        raise SpecError("a job spec needs exactly one of 'steps' (ordered) or 'pipeline' (DAG)")
+    nodes = spec.steps if spec.steps is not None else spec.pipeline
+    if not nodes:
+        raise SpecError("a job spec needs at least one step")
+    if len(nodes) > MAX_STEPS:
+        raise SpecError(f"a job spec may have at most {MAX_STEPS} steps, got {len(nodes)}")
+    return spec
+
+
+def _ordered_nodes(spec: JobSpec) -> tuple[list[NodeSpec], Literal["nested", "flat"]]:
+    """Nodes with ids and inputs filled in; ordered steps chain to their predecessor."""
+    if spec.pipeline is not None:
+        for i, node in enumerate(spec.pipeline):
+            if node.id is None:
+                raise SpecError(f"pipeline[{i}]: every pipeline node needs an 'id'")
+        return list(spec.pipeline), "nested"
+    assert spec.steps is not None
+    nodes: list[NodeSpec] = []
+    for i, step in enumerate(spec.steps):
+        if step.inputs:
+            raise SpecError(f"steps[{i}]: ordered steps take no 'inputs' (use 'pipeline')")
+        node_id = step.id or f"{i}-{step.runner}"
+        inputs = [nodes[-1].id] if nodes else []
+        nodes.append(step.model_copy(update={"id": node_id, "inputs": inputs}))
+    return nodes, "flat"
+
+
+def _check_graph(nodes: list[NodeSpec]) -> list[str]:
+    ids: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        assert node.id is not None
+        if node.id in ids:
+            raise SpecError(f"duplicate node id {node.id!r} (nodes {ids[node.id]} and {i})")
+        ids[node.id] = i
+    for node in nodes:
+        for ref in node.inputs:
+            if ref not in ids:
+                raise SpecError(f"node {node.id!r}: input {ref!r} is not a node of this job")
+        if len(set(node.inputs)) != len(node.inputs):
+            raise SpecError(f"node {node.id!r}: an input is listed twice")
+    try:
+        return topological_order({n.id: list(n.inputs) for n in nodes if n.id})
+    except CycleError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def compile_spec(data: Any, runners: Mapping[str, RunnerDefinition]) -> CompiledJob:
+    """Validate a spec against the registered runners and compile it to ordered steps."""
+    spec = parse_spec(data)
+    nodes, layout = _ordered_nodes(spec)
+    order = _check_graph(nodes)
+    by_id = {node.id: node for node in nodes}
+    steps: list[CompiledStep] = []
+    for index, node_id in enumerate(order):
+        node = by_id[node_id]
+        runner = runners.get(node.runner)
+        if runner is None:
+            raise SpecError(f"node {node_id!r}: unknown runner {node.runner!r}")
+        try:
+            params = validate_params(runner.params, node.params, f"node {node_id!r}")
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        cache = spec.cache and node.cache is not False and runner.cacheable
+        steps.append(CompiledStep(
+            step_id=node_id, index=index, runner=runner, runner_hash=runner.definition_hash(),
+            params=params, inputs=tuple(node.inputs), input_layout=layout, cache=cache))
+    canonical = spec.model_dump(mode="json", exclude_none=True)
+    return CompiledJob(
+        label=spec.label, tags=tuple(spec.tags), priority=spec.priority, cache=spec.cache,
+        spec=canonical, spec_hash=spec_hash(spec.label, steps), steps=tuple(steps))
+
+
+def spec_hash(label: str, steps: list[CompiledStep]) -> str:
+    """The identity of a job's work: label and resolved steps; not owner, tags or priority."""
+    return hash_value({
+        "v": SPEC_HASH_VERSION,
+        "label": label,
+        "steps": [
+            {"id": s.step_id, "runner": s.runner.name, "runner_hash": s.runner_hash,
+             "params": s.params, "inputs": list(s.inputs), "layout": s.input_layout}
+            for s in steps
+        ],
+    })

@@ -1,0 +1,1 @@
+"""Capacity detection and admission (a pure function of capacity, leases and queue)."""

@@ -1,0 +1,396 @@
+"""The service API: the one API every front end (CLI, HTTP, Python client) calls."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jobcell import __version__, artifacts, daemon
+from jobcell.errors import NotFoundError, QuotaError, SpecError
+from jobcell.home import CellHome, open_home
+from jobcell.model.runner import RunnerDefinition
+from jobcell.model.spec import CompiledJob, compile_spec
+from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
+from jobcell.registry import RunnerRegistry, callable_runner_data, write_runner
+from jobcell.scheduler.admission import never_fits_reason
+from jobcell.scheduler.capacity import Capacity, detect_capacity
+from jobcell.settings import Settings, load_settings
+from jobcell.store import JobRow, NewEvent, StepRow
+from jobcell.store.sqlite import SQLiteStore
+
+DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED)
+
+
+def iso(timestamp: float | None) -> str | None:
+    """A UNIX time as ISO 8601 UTC, or None."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def new_job_id(now: float) -> str:
+    """A job id that sorts by creation time: milliseconds, then 8 random hex digits."""
+    return f"{int(now * 1000):011x}-{secrets.token_hex(4)}"
+
+
+def default_owner() -> str:
+    """The OS user, the owner of jobs submitted from this process."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid-{os.getuid()}"
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What submit answers: the job id, and whether an identical job was reused."""
+
+    job_id: str
+    deduplicated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "deduplicated": self.deduplicated}
+
+
+class Cell:
+    """One cell, opened from its home: submit work and observe it."""
+
+    def __init__(self, home: str | os.PathLike[str] | CellHome | None = None, *,
+                 settings: dict[str, Any] | None = None, auto_worker: bool = True) -> None:
+        self.home = home if isinstance(home, CellHome) else open_home(home)
+        self.settings: Settings = load_settings(self.home.config_file, overrides=settings)
+        self.store = SQLiteStore(self.home.db_path)
+        paths = [self.home.runners, *(Path(p) for p in self.settings.runner_registry_paths)]
+        self.registry = RunnerRegistry(paths, autosync=self.settings.runner_registry_autosync)
+        self.auto_worker = auto_worker
+        self._capacity: Capacity | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Cell:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def capacity(self) -> Capacity:
+        if self._capacity is None:
+            s = self.settings
+            self._capacity = detect_capacity(s.cpu_slots, s.node_memory_mb, s.memory_reserve_mb)
+        return self._capacity
+
+    # -- runners
+    def runners(self) -> dict[str, RunnerDefinition]:
+        """Every registered runner by name."""
+        return self.registry.runners()
+
+    def runner(self, name: str) -> RunnerDefinition:
+        runner = self.registry.get(name)
+        if runner is None:
+            raise NotFoundError(f"no runner named {name!r} is registered in {self.home.root}")
+        return runner
+
+    def register_runner(self, definition: dict[str, Any] | Callable[..., Any], *,
+                        name: str | None = None, overwrite: bool = True,
+                        **fields: Any) -> RunnerDefinition:
+        """Register a runner from a dict (YAML fields) or a module-level Python function."""
+        data = (callable_runner_data(definition, name, **fields) if callable(definition)
+                else {**definition, **fields, **({"name": name} if name else {})})
+        write_runner(self.home.runners, data, overwrite=overwrite)
+        self.registry.refresh()
+        return self.runner(data["name"])
+
+    # -- submit
+    def submit(self, spec: Any, *, owner: str | None = None, label: str | None = None,
+               tags: Sequence[str] = ()) -> SubmitResult:
+        """Validate and store one job (or return an identical active/succeeded one)."""
+        return self.submit_many([spec], owner=owner, label=label, tags=tags)[0]
+
+    def submit_many(self, specs: Iterable[Any], *, owner: str | None = None,
+                    label: str | None = None, tags: Sequence[str] = ()) -> list[SubmitResult]:
+        """Validate and store many jobs in one transaction (all or none)."""
+        owner = owner or default_owner()
+        runners = self.runners()
+        now = time.time()
+        compiled = [self._compile(spec, runners, label, tags, i) for i, spec in enumerate(specs)]
+        results: list[SubmitResult] = []
+        rows: list[JobRow] = []
+        events: list[NewEvent] = []
+        fresh: dict[str, str] = {}
+        for job in compiled:
+            existing = self._dedup(job, owner, fresh)
+            if existing is not None:
+                results.append(SubmitResult(existing, True))
+                continue
+            row = self._job_row(job, owner, now)
+            fresh[job.spec_hash] = row.job_id
+            rows.append(row)
+            events.append(NewEvent(row.job_id, "submitted", now, None,
+                                   {"owner": owner, "steps": len(row.steps)}))
+            results.append(SubmitResult(row.job_id, False))
+        self._check_quotas(owner, len(rows))
+        if rows:
+            self.store.insert_jobs(rows, events)
+            if self.auto_worker:
+                self.ensure_worker()
+        return results
+
+    def _compile(self, spec: Any, runners: dict[str, RunnerDefinition], label: str | None,
+                 tags: Sequence[str], position: int) -> CompiledJob:
+        if isinstance(spec, dict) and (label or tags):
+            spec = {**spec, **({"label": label} if label else {}),
+                    "tags": [*spec.get("tags", []), *tags]}
+        try:
+            job = compile_spec(spec, runners)
+        except SpecError as exc:
+            raise SpecError(f"job {position}: {exc}" if position else str(exc)) from None
+        for step in job.steps:
+            reason = never_fits_reason(self.capacity, step.resources.cpu_slots,
+                                       step.resources.memory_mb)
+            if reason is not None:
+                raise SpecError(f"node {step.step_id!r} (runner {step.runner.name!r}) {reason}")
+        return job
+
+    def _dedup(self, job: CompiledJob, owner: str, fresh: dict[str, str]) -> str | None:
+        if not job.cache:
+            return None
+        if job.spec_hash in fresh:
+            return fresh[job.spec_hash]
+        return self.store.find_job_by_spec_hash(job.spec_hash, owner, DEDUP_STATES)
+
+    def _check_quotas(self, owner: str, adding: int) -> None:
+        if adding == 0:
+            return
+        active = self.store.count_jobs(states=ACTIVE_JOB_STATES)
+        if active + adding > self.settings.max_jobs_global:
+            raise QuotaError(f"the cell already has {active} active jobs; max_jobs_global is "
+                             f"{self.settings.max_jobs_global}")
+        per_user = self.settings.max_jobs_per_user
+        if per_user is not None:
+            mine = self.store.count_jobs(states=ACTIVE_JOB_STATES, owner=owner)
+            if mine + adding > per_user:
+                raise QuotaError(f"owner {owner!r} already has {mine} active jobs; "
+                                 f"max_jobs_per_user is {per_user}")
+
+    @staticmethod
+    def _job_row(job: CompiledJob, owner: str, now: float) -> JobRow:
+        job_id = new_job_id(now)
+        steps = [StepRow(
+            job_id=job_id, step_id=s.step_id, index=s.index, runner=s.runner.name,
+            runner_hash=s.runner_hash, runner_def=s.runner.model_dump(mode="json"),
+            params=s.params, inputs=list(s.inputs), input_layout=s.input_layout, cache=s.cache,
+            cpu_slots=s.resources.cpu_slots, memory_mb=s.resources.memory_mb,
+            timeout_s=s.resources.timeout_s, retries=s.runner.retries,
+            state=StepState.PENDING if s.inputs else StepState.QUEUED,
+            priority=job.priority, owner=owner) for s in job.steps]
+        return JobRow(job_id=job_id, label=job.label, owner=owner, tags=list(job.tags),
+                      priority=job.priority, state=JobState.QUEUED, spec=job.spec,
+                      spec_hash=job.spec_hash, created_at=now, updated_at=now, steps=steps)
+
+    # -- observe
+    def _job(self, job_id: str, owner: str | None = None, with_steps: bool = True) -> JobRow:
+        job = self.store.get_job(job_id, with_steps=with_steps)
+        if job is None or (owner is not None and job.owner != owner):
+            raise NotFoundError(f"no job with id {job_id!r}")
+        return job
+
+    def status(self, job_id: str, *, owner: str | None = None) -> dict[str, Any]:
+        """The job's state and every step's state, attempt and exit code."""
+        return job_status(self._job(job_id, owner))
+
+    def list(self, *, label: str | None = None, state: str | None = None,
+             tag: str | None = None, owner: str | None = None, limit: int = 100,
+             offset: int = 0) -> list[dict[str, Any]]:
+        """Jobs, newest first, filtered by label, state, tag and owner."""
+        wanted = _parse_state(state) if state else None
+        rows = self.store.list_jobs(label=label, state=wanted, tag=tag, owner=owner,
+                                    limit=limit, offset=offset)
+        return [job_summary(row) for row in rows]
+
+    def events(self, job_id: str, *, owner: str | None = None,
+               after_seq: int = 0) -> list[dict[str, Any]]:
+        """The job's events, oldest first."""
+        self._job(job_id, owner, with_steps=False)
+        return [{"seq": e.seq, "kind": e.kind, "step": e.step_id, "at": iso(e.at), **e.data}
+                for e in self.store.events(job_id, after_seq)]
+
+    def outputs(self, job_id: str, *, owner: str | None = None) -> list[dict[str, Any]]:
+        """Every output file: step, name, path, size and BLAKE3 digest."""
+        self._job(job_id, owner, with_steps=False)
+        return [{"step": o.step_id, "name": o.name, "path": o.path, "size": o.size,
+                 "blake3": o.blake3} for o in self.store.outputs(job_id)]
+
+    def result(self, job_id: str, *, owner: str | None = None) -> dict[str, Any]:
+        """Each step's JSON value (``output.json``) and the value of the final step(s)."""
+        job = self._job(job_id, owner)
+        values = {}
+        for step in job.steps:
+            if step.state in (StepState.SUCCEEDED, StepState.CACHED):
+                out = self.home.attempt_dir(job_id, step.step_id, step.attempt) / "output"
+                values[step.step_id] = artifacts.read_value(out)
+        consumed = {i for s in job.steps for i in s.inputs}
+        sinks = [s.step_id for s in job.steps if s.step_id not in consumed]
+        final = (values.get(sinks[0]) if len(sinks) == 1
+                 else {sid: values.get(sid) for sid in sinks})
+        return {"job_id": job_id, "state": str(job.state), "error": job.error,
+                "result": final if job.state == JobState.SUCCEEDED else None,
+                "steps": values, "outputs": self.outputs(job_id)}
+
+    def logs(self, job_id: str, *, step: str | None = None, last_n: int = 50,
+             owner: str | None = None) -> dict[str, Any]:
+        """The last ``last_n`` lines of stdout and stderr of each step's latest attempt."""
+        job = self._job(job_id, owner)
+        steps = [s for s in job.steps if step is None or s.step_id == step]
+        if step is not None and not steps:
+            raise NotFoundError(f"job {job_id!r} has no step {step!r}")
+        entries = []
+        for s in steps:
+            if s.attempt == 0:
+                entries.append({"step": s.step_id, "attempt": 0, "stdout": [], "stderr": []})
+                continue
+            paths = artifacts.AttemptPaths(self.home.attempt_dir(job_id, s.step_id, s.attempt))
+            entries.append({"step": s.step_id, "attempt": s.attempt,
+                            "stdout": artifacts.tail_lines(paths.stdout, last_n),
+                            "stderr": artifacts.tail_lines(paths.stderr, last_n)})
+        return {"job_id": job_id, "steps": entries}
+
+    def cancel(self, job_id: str, *, owner: str | None = None,
+               wait_s: float = 10.0) -> dict[str, Any]:
+        """Ask the worker to cancel the job; wait up to ``wait_s`` for it to take effect."""
+        job = self._job(job_id, owner, with_steps=False)
+        if job.state in TERMINAL_JOB_STATES:
+            return {"job_id": job_id, "state": str(job.state), "cancelled": False,
+                    "reason": f"the job is already {job.state}"}
+        self.store.request_cancel(job_id, time.time())
+        if self.auto_worker:
+            self.ensure_worker()
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            job = self._job(job_id, with_steps=False)
+            if job.state in TERMINAL_JOB_STATES:
+                break
+            time.sleep(0.05)
+        return {"job_id": job_id, "state": str(job.state),
+                "cancelled": job.state == JobState.CANCELLED}
+
+    def wait(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 0.1,
+             owner: str | None = None,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Block until the job ends (or ``timeout_s`` passes); returns its final status."""
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        checked_worker = 0.0
+        while True:
+            status = self.status(job_id, owner=owner)
+            if on_progress is not None:
+                on_progress(status)
+            if status["state"] in TERMINAL_JOB_STATES:
+                return status
+            if deadline is not None and time.time() >= deadline:
+                return status
+            if self.auto_worker and time.time() - checked_worker > 2.0:
+                checked_worker = time.time()
+                self.ensure_worker()
+            time.sleep(poll_s)
+
+    # -- queries for domain packages
+    def query_jobs_by_tag(self, tag_pattern: str,
+                          states: Iterable[str] | None = None) -> list[str]:
+        """Job ids with a tag matching the glob ``tag_pattern``, oldest first."""
+        wanted = [_parse_state(s) for s in states] if states is not None else None
+        return self.store.job_ids_by_tag(tag_pattern, wanted)
+
+    def query_failed_jobs(self, tag_pattern: str) -> list[str]:
+        return self.store.job_ids_by_tag(tag_pattern, [JobState.FAILED])
+
+    def count_active_jobs(self, tag_pattern: str | None = None) -> int:
+        return self.store.count_jobs(states=ACTIVE_JOB_STATES, tag_pattern=tag_pattern)
+
+    # -- cell
+    def capabilities(self) -> dict[str, Any]:
+        """What this cell offers and where each figure came from."""
+        cap = self.capacity
+        return {"executor_backend": self.settings.executor_backend,
+                "cpu_slots": cap.cpu_slots, "cpu_source": cap.cpu_source,
+                "memory_mb": cap.memory_mb, "memory_source": cap.memory_source,
+                "hostname": socket.gethostname(), "home": str(self.home.root),
+                "python": sys.version.split()[0], "jobcell_version": __version__}
+
+    def scheduler_status(self) -> dict[str, Any]:
+        """Capacity, used and free resources, leases by step, queue depth, the worker."""
+        cap = self.capacity
+        running = self.store.steps_in_states([StepState.RUNNING])
+        used_cpu = sum(s.cpu_slots for s in running)
+        used_memory = sum(s.memory_mb for s in running)
+        by_runner: dict[str, int] = {}
+        by_owner: dict[str, int] = {}
+        for runner, owner, count in self.store.queue_depth():
+            by_runner[runner] = by_runner.get(runner, 0) + count
+            by_owner[owner] = by_owner.get(owner, 0) + count
+        return {
+            "capacity": {"cpu_slots": cap.cpu_slots, "memory_mb": cap.memory_mb},
+            "used": {"cpu_slots": used_cpu, "memory_mb": used_memory},
+            "free": {"cpu_slots": cap.cpu_slots - used_cpu,
+                     "memory_mb": cap.memory_mb - used_memory},
+            "leases": [{"job_id": s.job_id, "step": s.step_id, "runner": s.runner,
+                        "cpu_slots": s.cpu_slots, "memory_mb": s.memory_mb,
+                        "attempt": s.attempt, "started_at": iso(s.started_at)} for s in running],
+            "queue": {"depth": sum(by_runner.values()), "by_runner": by_runner,
+                      "by_owner": by_owner},
+            "worker": self.worker_status()}
+
+    def worker_status(self) -> dict[str, Any]:
+        status = daemon.worker_status(self.store, self.settings.worker_heartbeat_ttl_s)
+        status["started_at"] = iso(status["started_at"])
+        return status
+
+    def ensure_worker(self) -> dict[str, Any]:
+        """Start the embedded worker unless a live one serves this cell."""
+        return daemon.start_worker(self.home, self.store, self.settings.worker_heartbeat_ttl_s)
+
+    def stop_worker(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        return daemon.stop_worker(self.store, self.settings.worker_heartbeat_ttl_s, timeout_s)
+
+
+def _parse_state(value: str) -> JobState:
+    try:
+        return JobState(value)
+    except ValueError:
+        known = ", ".join(s.value for s in JobState)
+        raise SpecError(f"unknown job state {value!r} (known: {known})") from None
+
+
+def job_summary(job: JobRow) -> dict[str, Any]:
+    """The short form of a job used by list."""
+    return {"job_id": job.job_id, "state": str(job.state), "label": job.label,
+            "owner": job.owner, "tags": job.tags, "priority": job.priority,
+            "created_at": iso(job.created_at), "finished_at": iso(job.finished_at),
+            "error": job.error}
+
+
+def job_status(job: JobRow) -> dict[str, Any]:
+    """The full status document of a job (the contract of ``status --json``)."""
+    counts: dict[str, int] = {}
+    for step in job.steps:
+        counts[str(step.state)] = counts.get(str(step.state), 0) + 1
+    done = counts.get("succeeded", 0) + counts.get("cached", 0)
+    return {
+        **job_summary(job), "spec_hash": job.spec_hash, "updated_at": iso(job.updated_at),
+        "cancel_requested": job.cancel_requested,
+        "progress": {"total": len(job.steps), "done": done, "states": counts},
+        "steps": [{"id": s.step_id, "runner": s.runner, "state": str(s.state),
+                   "attempt": s.attempt, "exit_code": s.exit_code, "error": s.error,
+                   "inputs": s.inputs, "runner_hash": s.runner_hash,
+                   "started_at": iso(s.started_at), "finished_at": iso(s.finished_at)}
+                  for s in job.steps]}

@@ -1,0 +1,190 @@
+"""Cell options: defaults in code, then ``<home>/jobcell.toml``, then ``JOBCELL_<NAME>``."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobcell.errors import ConfigError
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    number = int(value)
+    if number < 1:
+        raise ValueError
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    number = int(value)
+    if number < 0:
+        raise ValueError
+    return number
+
+
+def _auto_or_positive_int(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _positive_int(value)
+
+
+def _unlimited_or_positive_int(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("unlimited", "inf")):
+        return None
+    return _positive_int(value)
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value)
+    if not number > 0:
+        raise ValueError
+    return number
+
+
+def _non_negative_float(value: Any) -> float:
+    number = float(value)
+    if number < 0 or isinstance(value, bool):
+        raise ValueError
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _path_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [p for p in value.split(os.pathsep) if p]
+    if isinstance(value, list) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError
+
+
+def _backend(value: Any) -> str:
+    if value not in ("embedded",):
+        raise ValueError
+    return str(value)
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One cell option: default, parser, what a valid value looks like."""
+
+    default: Any
+    parse: Callable[[Any], Any]
+    expects: str
+    secret: bool = False
+
+
+OPTIONS: dict[str, Option] = {
+    "executor_backend": Option("embedded", _backend, "'embedded'"),
+    "cpu_slots": Option("auto", _auto_or_positive_int, "a positive integer or 'auto'"),
+    "node_memory_mb": Option("auto", _auto_or_positive_int, "a positive integer or 'auto'"),
+    "memory_reserve_mb": Option(2048, _non_negative_int, "a non-negative integer"),
+    "max_jobs_global": Option(1_000_000, _positive_int, "a positive integer"),
+    "max_jobs_per_user": Option(None, _unlimited_or_positive_int,
+                                "a positive integer or 'unlimited'"),
+    "runner_registry_paths": Option([], _path_list, "a list of paths"),
+    "runner_registry_autosync": Option(True, _bool, "true or false"),
+    "poll_interval_s": Option(0.2, _positive_float, "a positive number of seconds"),
+    "admin_key": Option(None, _optional_text, "a string", secret=True),
+    "worker_idle_exit_s": Option(600.0, _non_negative_float,
+                                 "a non-negative number of seconds (0 = never)"),
+    "worker_heartbeat_ttl_s": Option(15.0, _positive_float, "a positive number of seconds"),
+    "retry_backoff_s": Option(2.0, _non_negative_float, "a non-negative number of seconds"),
+    "kill_grace_s": Option(5.0, _non_negative_float, "a non-negative number of seconds"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective cell options and where each value came from."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every option with its effective value and source (secrets masked)."""
+        rows = []
+        for name, option in OPTIONS.items():
+            value = self.values[name]
+            if option.secret and value is not None:
+                value = "********"
+            rows.append({"name": name, "value": value, "source": self.sources[name]})
+        return rows
+
+
+def _parse(name: str, raw: Any, where: str) -> Any:
+    option = OPTIONS[name]
+    try:
+        return option.parse(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: option '{name}' expects {option.expects}, got {raw!r}") from None
+
+
+def load_settings(config_file: Path | None, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build the effective settings: defaults < config file < environment < overrides."""
+    env = os.environ if env is None else env
+    values = {name: option.default for name, option in OPTIONS.items()}
+    sources = dict.fromkeys(OPTIONS, "default")
+    for name, raw in _read_toml(config_file).items():
+        if name not in OPTIONS:
+            raise ConfigError(f"{config_file}: unknown option '{name}' "
+                              f"(known: {', '.join(OPTIONS)})")
+        values[name] = _parse(name, raw, str(config_file))
+        sources[name] = f"file {config_file}"
+    for name in OPTIONS:
+        key = f"JOBCELL_{name.upper()}"
+        if key in env:
+            values[name] = _parse(name, env[key], f"environment variable {key}")
+            sources[name] = f"env {key}"
+    for name, raw in (overrides or {}).items():
+        if name not in OPTIONS:
+            raise ConfigError(f"unknown option '{name}'")
+        values[name] = _parse(name, raw, "override")
+        sources[name] = "override"
+    return Settings(values, sources)
+
+
+def _read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return data.get("jobcell", data) if isinstance(data.get("jobcell"), dict) else data

@@ -1,0 +1,17 @@
+"""Durable state. One narrow :class:`Store` interface; all SQL lives in this package."""
+
+from jobcell.store.base import (
+    AttemptRow,
+    Changes,
+    ConflictError,
+    EventRow,
+    JobRow,
+    LockInfo,
+    NewEvent,
+    OutputRow,
+    StepRow,
+    Store,
+)
+
+__all__ = ["AttemptRow", "Changes", "ConflictError", "EventRow", "JobRow", "LockInfo",
+           "NewEvent", "OutputRow", "StepRow", "Store"]

@@ -1,0 +1,201 @@
+"""The Store interface and the records it reads and writes.
+
+Every front end and the worker go through these methods; a PostgreSQL store
+must fit the same interface and pass the same contract suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jobcell.model.states import JobState, StepState
+
+
+class ConflictError(RuntimeError):
+    """An update expected a state that the row no longer has; nothing was written."""
+
+
+@dataclass
+class StepRow:
+    """One durable step."""
+
+    job_id: str
+    step_id: str
+    index: int
+    runner: str
+    runner_hash: str
+    runner_def: dict[str, Any]
+    params: dict[str, Any]
+    inputs: list[str]
+    input_layout: str
+    cache: bool
+    cpu_slots: int
+    memory_mb: int
+    timeout_s: float
+    retries: int
+    state: StepState = StepState.PENDING
+    attempt: int = 0
+    failures: int = 0
+    exit_code: int | None = None
+    not_before: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    error: str | None = None
+    priority: int = 0
+    owner: str = ""
+    seq: int = 0
+
+
+@dataclass
+class JobRow:
+    """One durable job; ``steps`` is filled when asked for."""
+
+    job_id: str
+    label: str
+    owner: str
+    tags: list[str]
+    priority: int
+    state: JobState
+    spec: dict[str, Any]
+    spec_hash: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+    steps: list[StepRow] = field(default_factory=list)
+
+
+@dataclass
+class AttemptRow:
+    """One attempt of a step (inserted or replaced as a whole)."""
+
+    job_id: str
+    step_id: str
+    attempt: int
+    state: str
+    started_at: float
+    finished_at: float | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    pid: int | None = None
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append."""
+
+    job_id: str
+    kind: str
+    at: float
+    step_id: str | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """A stored event."""
+
+    seq: int
+    job_id: str
+    step_id: str | None
+    kind: str
+    at: float
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """A file a step produced."""
+
+    job_id: str
+    step_id: str
+    name: str
+    path: str
+    size: int
+    blake3: str
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """Set ``fields`` on one step; when ``expect`` is given the step must be in that state."""
+
+    job_id: str
+    step_id: str
+    fields: dict[str, Any]
+    expect: StepState | None = None
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """Set ``fields`` on one job; when ``expect`` is given the job must be in that state."""
+
+    job_id: str
+    fields: dict[str, Any]
+    expect: JobState | None = None
+
+
+@dataclass
+class Changes:
+    """Writes applied together in one transaction."""
+
+    steps: list[StepUpdate] = field(default_factory=list)
+    jobs: list[JobUpdate] = field(default_factory=list)
+    attempts: list[AttemptRow] = field(default_factory=list)
+    events: list[NewEvent] = field(default_factory=list)
+    outputs: list[OutputRow] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.steps or self.jobs or self.attempts or self.events or self.outputs)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """Who holds the scheduler lock of a cell."""
+
+    token: str
+    pid: int
+    hostname: str
+    started_at: float
+    heartbeat_at: float
+
+
+class Store(Protocol):
+    """The narrow interface to a cell's durable state."""
+
+    # -- jobs (written by submit, read by every front end)
+    def insert_jobs(self, jobs: Sequence[JobRow], events: Sequence[NewEvent]) -> None: ...
+    def find_job_by_spec_hash(self, spec_hash: str, owner: str,
+                              states: Iterable[JobState]) -> str | None: ...
+    def get_job(self, job_id: str, with_steps: bool = True) -> JobRow | None: ...
+    def list_jobs(self, *, label: str | None = None, state: JobState | None = None,
+                  tag: str | None = None, owner: str | None = None, limit: int = 100,
+                  offset: int = 0) -> list[JobRow]: ...
+    def count_jobs(self, *, states: Iterable[JobState] | None = None, owner: str | None = None,
+                   tag_pattern: str | None = None) -> int: ...
+    def job_ids_by_tag(self, tag_pattern: str,
+                       states: Iterable[JobState] | None = None) -> list[str]: ...
+    def events(self, job_id: str, after_seq: int = 0) -> list[EventRow]: ...
+    def outputs(self, job_id: str) -> list[OutputRow]: ...
+    def attempts(self, job_id: str) -> list[AttemptRow]: ...
+    def request_cancel(self, job_id: str, now: float) -> bool: ...
+
+    # -- the worker
+    def steps_in_states(self, states: Iterable[StepState]) -> list[StepRow]: ...
+    def ready_steps(self, now: float, limit: int) -> list[StepRow]: ...
+    def jobs_with_cancel_requested(self) -> list[str]: ...
+    def queue_depth(self) -> list[tuple[str, str, int]]: ...
+    def apply(self, changes: Changes) -> None: ...
+
+    # -- the scheduler lock
+    def lock_info(self) -> LockInfo | None: ...
+    def try_acquire_lock(self, info: LockInfo, now: float, ttl: float,
+                         steal_token: str | None = None) -> bool: ...
+    def heartbeat(self, token: str, now: float) -> bool: ...
+    def release_lock(self, token: str) -> None: ...
+
+    def close(self) -> None: ...

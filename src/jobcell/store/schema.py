@@ -1,0 +1,105 @@
+"""SQLite schema migrations. Each entry upgrades the schema by one version."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # version 1
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        label TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        error TEXT
+    );
+    CREATE INDEX jobs_label ON jobs (label, created_at);
+    CREATE INDEX jobs_state ON jobs (state, created_at);
+    CREATE INDEX jobs_owner ON jobs (owner, created_at);
+    CREATE INDEX jobs_created ON jobs (created_at);
+    CREATE INDEX jobs_spec_hash ON jobs (spec_hash);
+    CREATE INDEX jobs_cancel ON jobs (cancel_requested) WHERE cancel_requested = 1;
+    CREATE TABLE job_tags (
+        tag TEXT NOT NULL,
+        job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+        PRIMARY KEY (tag, job_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_tags_job ON job_tags (job_id);
+    CREATE TABLE steps (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        runner TEXT NOT NULL,
+        runner_hash TEXT NOT NULL,
+        runner_def TEXT NOT NULL,
+        params TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        input_layout TEXT NOT NULL,
+        cache INTEGER NOT NULL,
+        cpu_slots INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        timeout_s REAL NOT NULL,
+        retries INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER,
+        not_before REAL,
+        started_at REAL,
+        finished_at REAL,
+        pid INTEGER,
+        error TEXT,
+        priority INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        UNIQUE (job_id, step_id)
+    );
+    CREATE INDEX steps_state ON steps (state, priority DESC, seq);
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        exit_code INTEGER,
+        reason TEXT,
+        pid INTEGER,
+        memory_mb INTEGER,
+        PRIMARY KEY (job_id, step_id, attempt)
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        step_id TEXT,
+        kind TEXT NOT NULL,
+        at REAL NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE TABLE outputs (
+        job_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        blake3 TEXT NOT NULL,
+        PRIMARY KEY (job_id, step_id, name)
+    );
+    CREATE TABLE scheduler_lock (
+        name TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        hostname TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
+    """,
+]

@@ -1,0 +1,518 @@
+"""The worker loop: heartbeat, leadership, recovery, poll, commit, advance, admit.
+
+The worker is the only writer of step transitions. Every round it
+
+1. notes jobs whose cancellation was requested,
+2. polls every running attempt in one call and commits their outcomes
+   (completion is committed in its own transaction, before anything advances),
+3. advances the touched jobs (idempotent: a crash before this step is finished
+   by the next worker, which advances every active job on start),
+4. stops attempts past their timeout,
+5. admits queued steps that fit the capacity: the attempt is committed as
+   running *before* it is spawned, so a crash in between is an interrupted
+   attempt (requeued), never a lost or doubled one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from jobcell import artifacts
+from jobcell.errors import JobcellError, WorkerError
+from jobcell.executors.base import Executor, Launch, Phase, Status
+from jobcell.executors.embedded import EmbeddedExecutor
+from jobcell.executors.wrapper import wrapper_script
+from jobcell.home import CellHome, open_home
+from jobcell.model.advance import Outcome, Verdict, decide_outcome, plan_advance
+from jobcell.model.runner import RunnerDefinition, runner_argv
+from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
+from jobcell.scheduler.admission import Lease, Request, admit
+from jobcell.scheduler.capacity import Capacity, detect_capacity
+from jobcell.settings import Settings, load_settings
+from jobcell.store import AttemptRow, Changes, LockInfo, NewEvent, OutputRow, StepRow, Store
+from jobcell.store.base import JobUpdate, StepUpdate
+from jobcell.store.sqlite import SQLiteStore
+
+ADMIT_BATCH = 1000
+
+
+def step_key(job_id: str, step_id: str) -> str:
+    """The executor key of a step's current attempt."""
+    return f"{job_id}/{step_id}"
+
+
+def _fault(point: str) -> None:
+    """Crash here when the test-only fault injection variable names this point."""
+    if os.environ.get("JOBCELL_FAULT_INJECT") == point:
+        os._exit(70)
+
+
+def lock_is_stale(info: LockInfo, now: float, ttl: float) -> bool:
+    """Whether a scheduler lock's holder is gone (dead local PID, or no heartbeat for ttl)."""
+    if now - info.heartbeat_at > ttl:
+        return True
+    if info.hostname != socket.gethostname():
+        return False
+    try:
+        process = psutil.Process(info.pid)
+        # A PID reused by a newer process does not hold the lock.
+        return process.create_time() > info.started_at + 1.0 or process.status() == "zombie"
+    except psutil.NoSuchProcess:
+        return True
+
+
+class WorkerAlreadyRunning(WorkerError):
+    """Another live worker holds this cell's scheduler lock."""
+
+    def __init__(self, info: LockInfo) -> None:
+        self.info = info
+        super().__init__(f"a worker is already running for this cell (pid {info.pid} on "
+                         f"{info.hostname})")
+
+
+@dataclass
+class _Kill:
+    reason: str
+    force_at: float
+    stop: bool            # True: stopped because the job is stopping (cancel or failed sibling)
+    forced: bool = False
+
+
+class Worker:
+    """Serves one cell: the single scheduler of its steps."""
+
+    def __init__(self, home: CellHome, settings: Settings, store: Store, *,
+                 executor: Executor | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.home = home
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.capacity: Capacity = detect_capacity(
+            settings.cpu_slots, settings.node_memory_mb, settings.memory_reserve_mb)
+        self.executor = executor or EmbeddedExecutor(home.wrapper_script)
+        self.token = uuid.uuid4().hex
+        self._running: dict[str, StepRow] = {}
+        self._kills: dict[str, _Kill] = {}
+        self._cancelling: set[str] = set()
+        self._touched: set[str] = set()
+        self._runner_cache: dict[str, RunnerDefinition] = {}
+        self._stop = False
+        self._last_heartbeat = 0.0
+        self._idle_since: float | None = None
+
+    # -- leadership
+    def acquire(self) -> None:
+        """Take the scheduler lock, or raise :class:`WorkerAlreadyRunning`."""
+        now = self.clock()
+        ttl = self.settings.worker_heartbeat_ttl_s
+        current = self.store.lock_info()
+        steal = current.token if current and lock_is_stale(current, now, ttl) else None
+        info = LockInfo(self.token, os.getpid(), socket.gethostname(), now, now)
+        if not self.store.try_acquire_lock(info, now, ttl, steal_token=steal):
+            holder = self.store.lock_info()
+            raise WorkerAlreadyRunning(holder or info)
+        self._last_heartbeat = now
+        self._write_wrapper()
+
+    def _write_wrapper(self) -> None:
+        text = wrapper_script()
+        path = self.home.wrapper_script
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.chmod(0o755)
+            os.replace(tmp, path)
+
+    def _heartbeat(self, now: float) -> bool:
+        if now - self._last_heartbeat < self.settings.worker_heartbeat_ttl_s / 5:
+            return True
+        self._last_heartbeat = now
+        return self.store.heartbeat(self.token, now)
+
+    def release(self) -> None:
+        """Give up the scheduler lock (running attempts go on and are re-adopted later)."""
+        self.store.release_lock(self.token)
+
+    def request_stop(self, *_: Any) -> None:
+        """Finish the current round, then stop (signal handler)."""
+        self._stop = True
+
+    # -- lifecycle
+    def recover(self) -> None:
+        """Re-adopt running attempts and re-advance every active job."""
+        for step in self.store.steps_in_states([StepState.RUNNING]):
+            key = step_key(step.job_id, step.step_id)
+            self._running[key] = step
+            attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
+            self.executor.adopt(key, attempt_dir, step.pid)
+        for job in self.store.list_jobs(state=JobState.RUNNING, limit=1_000_000):
+            self._touched.add(job.job_id)
+        for job in self.store.list_jobs(state=JobState.QUEUED, limit=1_000_000):
+            self._touched.add(job.job_id)
+
+    def run(self, until_idle: bool = False) -> None:
+        """Serve the cell until stopped, idle for ``worker_idle_exit_s``, or (``until_idle``)
+        until no job is active."""
+        self.acquire()
+        try:
+            self.recover()
+            while not self._stop:
+                now = self.clock()
+                if not self._heartbeat(now):
+                    print("lost the scheduler lock; stopping", file=sys.stderr)
+                    return
+                did = self.run_once()
+                if self._should_exit(did, until_idle):
+                    break
+                if not did:
+                    self.executor.wait(self.settings.poll_interval_s)
+        finally:
+            with contextlib.suppress(Exception):
+                self.release()
+
+    def _should_exit(self, did: bool, until_idle: bool) -> bool:
+        if did or self._running:
+            self._idle_since = None
+            return False
+        if self.store.count_jobs(states=ACTIVE_JOB_STATES) > 0:
+            self._idle_since = None
+            return False
+        if until_idle:
+            return True
+        now = self.clock()
+        self._idle_since = self._idle_since or now
+        limit = self.settings.worker_idle_exit_s
+        return bool(limit) and now - self._idle_since >= limit
+
+    def run_once(self) -> bool:
+        """One round; returns whether anything changed."""
+        now = self.clock()
+        did = self._note_cancels()
+        did = self._collect(now) or did
+        did = self._advance(now) or did
+        self._enforce_timeouts(now)
+        return self._admit(now) or did
+
+    # -- cancellation
+    def _note_cancels(self) -> bool:
+        new = set(self.store.jobs_with_cancel_requested()) - self._cancelling
+        self._cancelling |= new
+        self._touched |= new
+        return bool(new)
+
+    # -- collect ended attempts
+    def _collect(self, now: float) -> bool:
+        ended: list[str] = []
+        changes = Changes()
+        for key, status in self.executor.poll().items():
+            if status.phase in (Phase.RUNNING, Phase.UNKNOWN) or key not in self._running:
+                continue
+            step = self._running[key]
+            self._record_end(changes, step, status, now)
+            ended.append(key)
+        if not ended:
+            return False
+        self.store.apply(changes)
+        _fault("after_completion_commit")
+        for key in ended:
+            self.executor.forget(key)
+            step = self._running.pop(key)
+            self._kills.pop(key, None)
+            self._touched.add(step.job_id)
+        return True
+
+    def _record_end(self, changes: Changes, step: StepRow, status: Status, now: float) -> None:
+        key = step_key(step.job_id, step.step_id)
+        paths = artifacts.AttemptPaths(self.home.attempt_dir(step.job_id, step.step_id,
+                                                             step.attempt))
+        kill = self._kills.get(key)
+        code = status.exit_code if status.phase == Phase.EXITED else None
+        outcome, outputs = self._judge(step, paths, code, kill)
+        self._write_outcome(changes, step, outcome, code, outputs, now)
+
+    def _judge(self, step: StepRow, paths: artifacts.AttemptPaths, code: int | None,
+               kill: _Kill | None) -> tuple[Outcome, list[artifacts.OutputFile]]:
+        runner = self._runner(step)
+        missing = artifacts.missing_outputs(paths.output_dir, runner.outputs) if code == 0 else []
+        stopping = step.job_id in self._cancelling or (kill is not None and kill.stop)
+        outcome = decide_outcome(
+            exit_code=code, missing_outputs=missing,
+            kill_reason=kill.reason if kill is not None and not kill.stop else None,
+            cancel_requested=stopping, failures=step.failures, retries=step.retries,
+            interruptions=step.attempt - 1 - step.failures,
+            backoff_s=self.settings.retry_backoff_s, error_message=self._error_text(paths))
+        if outcome.verdict != Verdict.SUCCEEDED:
+            return outcome, []
+        try:
+            return outcome, artifacts.register_outputs(paths.output_dir)
+        except OSError as exc:
+            failed = decide_outcome(
+                exit_code=None, missing_outputs=[], kill_reason=f"cannot read outputs: {exc}",
+                cancel_requested=False, failures=step.failures, retries=step.retries,
+                interruptions=0, backoff_s=self.settings.retry_backoff_s)
+            return failed, []
+
+    @staticmethod
+    def _error_text(paths: artifacts.AttemptPaths) -> str | None:
+        report = artifacts.read_error_report(paths.root)
+        if report is not None:
+            return f"{report.get('type')}: {report.get('message')}"
+        last = artifacts.tail_lines(paths.stderr, 1)
+        return last[0][:500] if last else None
+
+    def _write_outcome(self, changes: Changes, step: StepRow, outcome: Outcome,
+                       code: int | None, outputs: list[artifacts.OutputFile],
+                       now: float) -> None:
+        verdict = outcome.verdict
+        attempt = AttemptRow(step.job_id, step.step_id, step.attempt, str(verdict),
+                             step.started_at or now, now, code, outcome.reason, step.pid,
+                             step.memory_mb)
+        changes.attempts.append(attempt)
+        data: dict[str, Any] = {"attempt": step.attempt, "exit_code": code}
+        fields: dict[str, Any] = {"exit_code": code, "error": outcome.reason}
+        if verdict == Verdict.SUCCEEDED:
+            fields.update(state=StepState.SUCCEEDED, finished_at=now)
+            changes.outputs.extend(
+                OutputRow(step.job_id, step.step_id, f.name, str(f.path), f.size, f.blake3)
+                for f in outputs)
+            changes.events.append(NewEvent(step.job_id, "step_succeeded", now, step.step_id,
+                                           {**data, "outputs": len(outputs)}))
+        elif verdict == Verdict.RETRY:
+            fields.update(state=StepState.QUEUED, failures=step.failures + 1,
+                          not_before=now + outcome.delay_s)
+            changes.events.append(NewEvent(step.job_id, "step_failed", now, step.step_id,
+                                           {**data, "reason": outcome.reason, "final": False}))
+            changes.events.append(NewEvent(step.job_id, "retry_scheduled", now, step.step_id,
+                                           {"attempt": step.attempt + 1,
+                                            "delay_s": outcome.delay_s}))
+        elif verdict == Verdict.REQUEUE:
+            fields.update(state=StepState.QUEUED, not_before=None)
+            changes.events.append(NewEvent(step.job_id, "step_requeued", now, step.step_id,
+                                           {**data, "reason": outcome.reason}))
+        elif verdict == Verdict.FAILED:
+            fields.update(state=StepState.FAILED, failures=step.failures + 1, finished_at=now)
+            changes.events.append(NewEvent(step.job_id, "step_failed", now, step.step_id,
+                                           {**data, "reason": outcome.reason, "final": True}))
+        else:
+            fields.update(state=StepState.CANCELLED, finished_at=now)
+            changes.events.append(NewEvent(step.job_id, "step_cancelled", now, step.step_id,
+                                           {**data, "reason": "the job is stopping"}))
+        changes.steps.append(StepUpdate(step.job_id, step.step_id, fields, StepState.RUNNING))
+
+    # -- advance jobs
+    def _advance(self, now: float) -> bool:
+        if not self._touched:
+            return False
+        touched, self._touched = self._touched, set()
+        changes = Changes()
+        for job_id in sorted(touched):
+            self._plan_job(changes, job_id, now)
+        if changes:
+            self.store.apply(changes)
+        return bool(changes)
+
+    def _plan_job(self, changes: Changes, job_id: str, now: float) -> None:
+        job = self.store.get_job(job_id)
+        if job is None or job.state in TERMINAL_JOB_STATES:
+            self._cancelling.discard(job_id)
+            return
+        plan = plan_advance(job.steps, job.cancel_requested)
+        for step_id in plan.queue:
+            changes.steps.append(StepUpdate(job_id, step_id, {"state": StepState.QUEUED},
+                                            StepState.PENDING))
+            changes.events.append(NewEvent(job_id, "step_queued", now, step_id))
+        by_id = {s.step_id: s for s in job.steps}
+        for step_id in plan.cancel:
+            changes.steps.append(StepUpdate(job_id, step_id, {
+                "state": StepState.CANCELLED, "finished_at": now}, by_id[step_id].state))
+            reason = "cancelled" if job.cancel_requested else "an upstream step failed"
+            changes.events.append(NewEvent(job_id, "step_cancelled", now, step_id,
+                                           {"reason": reason}))
+        for step_id in plan.terminate:
+            self._terminate(step_key(job_id, step_id), "the job is stopping", now, stop=True)
+        if plan.job_state != job.state:
+            self._set_job_state(changes, job, plan.job_state, now)
+
+    def _set_job_state(self, changes: Changes, job: Any, state: JobState, now: float) -> None:
+        fields: dict[str, Any] = {"state": state, "updated_at": now}
+        if state in TERMINAL_JOB_STATES:
+            fields["finished_at"] = now
+            self._cancelling.discard(job.job_id)
+        if state == JobState.FAILED:
+            failed = [s for s in job.steps if s.state == StepState.FAILED]
+            if failed:
+                fields["error"] = f"step {failed[0].step_id!r} failed: {failed[0].error}"
+        changes.jobs.append(JobUpdate(job.job_id, fields, job.state))
+        kind = {JobState.RUNNING: "job_running", JobState.SUCCEEDED: "job_succeeded",
+                JobState.FAILED: "job_failed", JobState.CANCELLED: "cancelled"}.get(state)
+        if kind:
+            changes.events.append(NewEvent(job.job_id, kind, now))
+
+    # -- timeouts and stopping
+    def _terminate(self, key: str, reason: str, now: float, stop: bool) -> None:
+        if key in self._kills or key not in self._running:
+            return
+        self._kills[key] = _Kill(reason, now + self.settings.kill_grace_s, stop)
+        self.executor.terminate(key)
+
+    def _enforce_timeouts(self, now: float) -> None:
+        for key, step in self._running.items():
+            kill = self._kills.get(key)
+            if kill is None:
+                if step.started_at is not None and now - step.started_at > step.timeout_s:
+                    self._terminate(key, f"timed out after {step.timeout_s:g} s", now, False)
+            elif not kill.forced and now >= kill.force_at:
+                kill.forced = True
+                self.executor.terminate(key, force=True)
+
+    # -- admission
+    def _runner(self, step: StepRow) -> RunnerDefinition:
+        runner = self._runner_cache.get(step.runner_hash)
+        if runner is None:
+            runner = RunnerDefinition.model_validate(step.runner_def)
+            self._runner_cache[step.runner_hash] = runner
+        return runner
+
+    def _admit(self, now: float) -> bool:
+        if self._stop:
+            return False
+        queue = self.store.ready_steps(now, ADMIT_BATCH)
+        if not queue:
+            return False
+        by_key = {step_key(s.job_id, s.step_id): s for s in queue}
+        requests = [Request(k, s.cpu_slots, s.memory_mb, self._runner(s).group,
+                            self._runner(s).max_concurrent) for k, s in by_key.items()]
+        leases = [Lease(k, s.cpu_slots, s.memory_mb, self._runner(s).group)
+                  for k, s in self._running.items()]
+        decision = admit(self.capacity, leases, requests)
+        self._fail_impossible(decision.never_fits, by_key, now)
+        if not decision.admit:
+            return bool(decision.never_fits)
+        started = [by_key[k] for k in decision.admit]
+        self._start(started, now)
+        return True
+
+    def _fail_impossible(self, never_fits: tuple[tuple[str, str], ...],
+                         by_key: dict[str, StepRow], now: float) -> None:
+        if not never_fits:
+            return
+        changes = Changes()
+        for key, reason in never_fits:
+            step = by_key[key]
+            changes.steps.append(StepUpdate(step.job_id, step.step_id, {
+                "state": StepState.FAILED, "finished_at": now,
+                "error": f"can never run on this cell: {reason}"}, StepState.QUEUED))
+            changes.events.append(NewEvent(step.job_id, "step_failed", now, step.step_id,
+                                           {"reason": reason, "final": True}))
+            self._touched.add(step.job_id)
+        self.store.apply(changes)
+
+    def _start(self, steps: list[StepRow], now: float) -> None:
+        changes = Changes()
+        running: list[StepRow] = []
+        for step in steps:
+            step = replace(step, state=StepState.RUNNING, attempt=step.attempt + 1,
+                           started_at=now, exit_code=None, pid=None)
+            running.append(step)
+            changes.steps.append(StepUpdate(step.job_id, step.step_id, {
+                "state": StepState.RUNNING, "attempt": step.attempt, "started_at": now,
+                "exit_code": None, "pid": None, "not_before": None}, StepState.QUEUED))
+            changes.attempts.append(AttemptRow(step.job_id, step.step_id, step.attempt,
+                                               "running", now, memory_mb=step.memory_mb))
+            changes.events.append(NewEvent(step.job_id, "step_started", now, step.step_id,
+                                           {"attempt": step.attempt}))
+        self.store.apply(changes)  # committed as running before anything is spawned
+        _fault("after_start_commit")
+        pids = Changes()
+        for step in running:
+            key = step_key(step.job_id, step.step_id)
+            self._running[key] = step
+            self._touched.add(step.job_id)
+            pid = self._spawn(step, key)
+            if pid is not None:
+                step.pid = pid
+                pids.steps.append(StepUpdate(step.job_id, step.step_id, {"pid": pid}))
+        if pids:
+            self.store.apply(pids)
+
+    def _spawn(self, step: StepRow, key: str) -> int | None:
+        """Prepare the attempt directory and start it; on failure track it as interrupted."""
+        attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
+        try:
+            launch = self._launch(step, key, attempt_dir)
+            return self.executor.submit([launch])[key]
+        except (OSError, ValueError, JobcellError) as exc:
+            print(f"cannot start {key} attempt {step.attempt}: {exc}", file=sys.stderr)
+            self.executor.adopt(key, attempt_dir, None)  # no lock, no exit_code: interrupted
+            return None
+
+    def _launch(self, step: StepRow, key: str, attempt_dir: Path) -> Launch:
+        runner = self._runner(step)
+        upstream = {
+            up: self.home.attempt_dir(step.job_id, up, attempt) / "output"
+            for up, attempt in self._upstream_attempts(step).items()}
+        paths = artifacts.prepare_attempt(attempt_dir, step.params, upstream, step.input_layout)
+        values = {**step.params, "input_dir": str(paths.input_dir),
+                  "output_dir": str(paths.output_dir), "step_dir": str(attempt_dir),
+                  "runner_dir": runner.runner_dir or ""}
+        argv = runner_argv(runner, values)
+        return Launch(key, attempt_dir, tuple(argv), self._environment(step, runner, attempt_dir))
+
+    def _upstream_attempts(self, step: StepRow) -> dict[str, int]:
+        if not step.inputs:
+            return {}
+        job = self.store.get_job(step.job_id)
+        attempts = {s.step_id: s.attempt for s in job.steps} if job else {}
+        return {up: attempts[up] for up in step.inputs}
+
+    @staticmethod
+    def _environment(step: StepRow, runner: RunnerDefinition, attempt_dir: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
+        env.update(runner.env)
+        if runner.python_path:
+            existing = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = os.pathsep.join([*runner.python_path, *([existing] if existing
+                                                                        else [])])
+        env.update(JOBCELL_JOB_ID=step.job_id, JOBCELL_STEP_ID=step.step_id,
+                   JOBCELL_ATTEMPT=str(step.attempt), JOBCELL_STEP_DIR=str(attempt_dir))
+        return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Daemon entry: ``python -m jobcell.worker --home HOME``."""
+    parser = argparse.ArgumentParser(prog="jobcell-worker")
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--until-idle", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        home = open_home(args.home)
+        settings = load_settings(home.config_file)
+        worker = Worker(home, settings, SQLiteStore(home.db_path))
+        signal.signal(signal.SIGTERM, worker.request_stop)
+        signal.signal(signal.SIGINT, worker.request_stop)
+        worker.run(until_idle=args.until_idle)
+    except WorkerAlreadyRunning as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    except JobcellError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
