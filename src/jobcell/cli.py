@@ -1,0 +1,441 @@
+"""The ``jobcell`` command: parse, call the service, print. Thin by design."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from jobcell import __version__
+from jobcell.cli_output import (
+    console,
+    error_console,
+    print_json,
+    progress_bar,
+    show_jobs,
+    show_logs,
+    show_mapping,
+    show_outputs,
+    show_status,
+    styled_state,
+    table,
+)
+from jobcell.errors import JobcellError, SpecError
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 124
+
+
+class JobcellGroup(click.Group):
+    """Turns every error into one clear sentence on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except JobcellError as exc:
+            error_console.print(f"jobcell: {exc}", markup=False)
+            sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            error_console.print("jobcell: interrupted")
+            sys.exit(130)
+        except Exception as exc:  # a bug: still no bare traceback unless asked for
+            if os.environ.get("JOBCELL_DEBUG"):
+                traceback.print_exc()
+            error_console.print(f"jobcell: internal error: {type(exc).__name__}: {exc} "
+                                "(set JOBCELL_DEBUG=1 to see the traceback)", markup=False)
+            sys.exit(EXIT_FAILED)
+
+
+def common(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--home`` and ``--json`` to a command."""
+
+    @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Cell home (default: $JOBCELL_HOME, else the user data dir).")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def open_cell(home: Path | None, auto_worker: bool = True) -> Any:
+    from jobcell.service import Cell
+
+    return Cell(home, auto_worker=auto_worker)
+
+
+def load_spec_file(path: str) -> Any:
+    """Read a job spec from a YAML or JSON file, or from stdin when ``path`` is ``-``."""
+    if path == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise SpecError(f"spec file {path!r} does not exist")
+        text, name = file.read_text(encoding="utf-8"), path
+    try:
+        if name.endswith(".json"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{name}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{name}: not valid YAML{where}") from None
+
+
+@click.group(cls=JobcellGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="jobcell")
+def main() -> None:
+    """jobcell: a durable job runtime for scientific computing."""
+
+
+# -- jobs -------------------------------------------------------------------------------
+@main.command()
+@click.argument("spec")
+@click.option("--label", help="Set the job's label (the submitting domain).")
+@click.option("--tag", "tags", multiple=True, help="Add a tag (repeatable).")
+@click.option("--owner", help="Submit on behalf of this owner (default: the OS user).")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after S seconds.")
+@common
+def submit(spec: str, label: str | None, tags: tuple[str, ...], owner: str | None, wait_: bool,
+           timeout: float | None, home: Path | None, as_json: bool) -> None:
+    """Submit the job spec in SPEC (a YAML or JSON file, or - for stdin)."""
+    data = load_spec_file(spec)
+    with open_cell(home) as cell:
+        result = cell.submit(data, owner=owner, label=label, tags=tags)
+        if not wait_:
+            if as_json:
+                print_json(result.to_dict())
+            elif result.deduplicated:
+                console.print(f"job {result.job_id} (identical to an existing job: "
+                              "deduplicated, nothing new was queued)")
+            else:
+                console.print(f"submitted job {result.job_id}")
+            return
+        if not as_json:
+            note = " (deduplicated)" if result.deduplicated else ""
+            console.print(f"submitted job {result.job_id}{note}")
+        _wait_and_report(cell, result.job_id, timeout, as_json,
+                         extra={"deduplicated": result.deduplicated})
+
+
+def _wait_and_report(cell: Any, job_id: str, timeout: float | None, as_json: bool,
+                     extra: dict[str, Any] | None = None) -> None:
+    with progress_bar(enabled=not as_json and sys.stderr.isatty()) as update:
+        status = cell.wait(job_id, timeout_s=timeout, on_progress=update)
+    if as_json:
+        print_json({**status, **(extra or {})})
+    else:
+        show_status(status)
+    if status["state"] == "succeeded":
+        return
+    if status["state"] in ("queued", "running"):
+        error_console.print(f"jobcell: job {job_id} is still {status['state']} after "
+                            f"{timeout:g} s")
+        sys.exit(EXIT_TIMEOUT)
+    sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("job_id")
+@common
+def status(job_id: str, home: Path | None, as_json: bool) -> None:
+    """Show a job's state and its steps."""
+    with open_cell(home, auto_worker=False) as cell:
+        result = cell.status(job_id)
+    print_json(result) if as_json else show_status(result)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=None, help="Give up after S seconds (exit 124).")
+@common
+def wait(job_id: str, timeout: float | None, home: Path | None, as_json: bool) -> None:
+    """Wait for a job to end; exit 0 only if it succeeded."""
+    with open_cell(home) as cell:
+        _wait_and_report(cell, job_id, timeout, as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--step", default=None, help="Only this step.")
+@click.option("--last", "last_n", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Lines per stream.")
+@common
+def logs(job_id: str, step: str | None, last_n: int, home: Path | None, as_json: bool) -> None:
+    """Show the last lines of each step's stdout and stderr."""
+    with open_cell(home, auto_worker=False) as cell:
+        result = cell.logs(job_id, step=step, last_n=last_n)
+    print_json(result) if as_json else show_logs(result)
+
+
+@main.command()
+@click.argument("job_id")
+@common
+def outputs(job_id: str, home: Path | None, as_json: bool) -> None:
+    """List a job's output files with size and BLAKE3 digest."""
+    with open_cell(home, auto_worker=False) as cell:
+        result = cell.outputs(job_id)
+    print_json(result) if as_json else show_outputs(result)
+
+
+@main.command()
+@click.argument("job_id")
+@common
+def result(job_id: str, home: Path | None, as_json: bool) -> None:
+    """Show a job's result: each step's JSON value and the final value."""
+    with open_cell(home, auto_worker=False) as cell:
+        value = cell.result(job_id)
+    if as_json:
+        print_json(value)
+        return
+    console.print(f"job {value['job_id']}  {styled_state(value['state'])}")
+    if value["error"]:
+        console.print(f"[red]error:[/red] {value['error']}")
+    console.print_json(json.dumps(value["result"], default=str))
+
+
+@main.command(name="list")
+@click.option("--label", default=None)
+@click.option("--state", default=None, help="queued, running, succeeded, failed or cancelled.")
+@click.option("--tag", default=None)
+@click.option("--owner", default=None)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@common
+def list_jobs(label: str | None, state: str | None, tag: str | None, owner: str | None,
+              limit: int, offset: int, home: Path | None, as_json: bool) -> None:
+    """List jobs, newest first."""
+    with open_cell(home, auto_worker=False) as cell:
+        jobs = cell.list(label=label, state=state, tag=tag, owner=owner, limit=limit,
+                         offset=offset)
+    print_json(jobs) if as_json else show_jobs(jobs)
+
+
+@main.command()
+@click.argument("job_id")
+@common
+def cancel(job_id: str, home: Path | None, as_json: bool) -> None:
+    """Cancel a job: its running steps are stopped, the rest never start."""
+    with open_cell(home) as cell:
+        answer = cell.cancel(job_id)
+    if as_json:
+        print_json(answer)
+    elif answer["cancelled"]:
+        console.print(f"job {job_id} cancelled")
+    else:
+        console.print(f"job {job_id} is {answer['state']}"
+                      + (f": {answer['reason']}" if answer.get("reason") else ""))
+
+
+@main.command()
+@click.argument("job_id")
+@common
+def events(job_id: str, home: Path | None, as_json: bool) -> None:
+    """Show a job's events, oldest first."""
+    with open_cell(home, auto_worker=False) as cell:
+        rows = cell.events(job_id)
+    if as_json:
+        print_json(rows)
+        return
+    skip = {"seq", "kind", "step", "at"}
+    table(None, ["at", "event", "step", "details"],
+          [[e["at"], e["kind"], e["step"] or "",
+            " ".join(f"{k}={v}" for k, v in e.items() if k not in skip)] for e in rows])
+
+
+# -- the cell ---------------------------------------------------------------------------
+@main.command()
+@common
+def capabilities(home: Path | None, as_json: bool) -> None:
+    """Show what this cell offers and where each figure came from."""
+    with open_cell(home, auto_worker=False) as cell:
+        caps = cell.capabilities()
+    print_json(caps) if as_json else show_mapping("capabilities", caps)
+
+
+@main.group()
+def scheduler() -> None:
+    """Inspect the scheduler."""
+
+
+@scheduler.command(name="status")
+@common
+def scheduler_status(home: Path | None, as_json: bool) -> None:
+    """Capacity, used, free, leases, queue depth and the worker."""
+    with open_cell(home, auto_worker=False) as cell:
+        state = cell.scheduler_status()
+    if as_json:
+        print_json(state)
+        return
+    cap, used, free = state["capacity"], state["used"], state["free"]
+    table("resources", ["", "cpu slots", "memory MB"],
+          [["capacity", cap["cpu_slots"], cap["memory_mb"]],
+           ["used", used["cpu_slots"], used["memory_mb"]],
+           ["free", free["cpu_slots"], free["memory_mb"]]])
+    if state["leases"]:
+        table("leases", ["job", "step", "runner", "cpu", "MB", "since"],
+              [[x["job_id"], x["step"], x["runner"], x["cpu_slots"], x["memory_mb"],
+                x["started_at"]] for x in state["leases"]])
+    queue = state["queue"]
+    console.print(f"queue depth: {queue['depth']}  by runner: {queue['by_runner']}  "
+                  f"by owner: {queue['by_owner']}")
+    _print_worker(state["worker"])
+
+
+@main.group()
+def worker() -> None:
+    """Start, stop or inspect the cell's worker."""
+
+
+def _print_worker(info: dict[str, Any]) -> None:
+    if info["pid"] is None:
+        console.print("worker: not running")
+    else:
+        alive = "alive" if info["alive"] else "not alive (stale lock)"
+        console.print(f"worker: pid {info['pid']} on {info['hostname']}, {alive}, last "
+                      f"heartbeat {info['heartbeat_age_s']} s ago")
+
+
+@worker.command(name="start")
+@common
+def worker_start(home: Path | None, as_json: bool) -> None:
+    """Start the worker (or report the live one)."""
+    with open_cell(home, auto_worker=False) as cell:
+        before = cell.worker_status()
+        info = before if before["alive"] else cell.ensure_worker()
+    info = {**info, "already_running": bool(before["alive"])}
+    if as_json:
+        print_json(info)
+        return
+    if before["alive"]:
+        console.print("a worker is already running for this cell")
+    _print_worker(info)
+
+
+@worker.command(name="stop")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@common
+def worker_stop(timeout: float, home: Path | None, as_json: bool) -> None:
+    """Stop the worker with signals and clear its lock (running steps go on)."""
+    with open_cell(home, auto_worker=False) as cell:
+        answer = cell.stop_worker(timeout_s=timeout)
+    if as_json:
+        print_json(answer)
+    elif answer["stopped"]:
+        console.print(f"stopped the worker (pid {answer['pid']})")
+    else:
+        console.print(answer["reason"])
+
+
+@worker.command(name="status")
+@common
+def worker_status(home: Path | None, as_json: bool) -> None:
+    """Show the worker's PID, liveness and heartbeat age."""
+    with open_cell(home, auto_worker=False) as cell:
+        info = cell.worker_status()
+    print_json(info) if as_json else _print_worker(info)
+
+
+@main.group()
+def runners() -> None:
+    """List, show and validate runners."""
+
+
+@runners.command(name="list")
+@common
+def runners_list(home: Path | None, as_json: bool) -> None:
+    """List the registered runners (and files that failed validation)."""
+    with open_cell(home, auto_worker=False) as cell:
+        found = cell.runners()
+        errors = dict(cell.registry.errors)
+    rows = [{"name": r.name, "version": r.version, "plane": r.plane,
+             "kind": "python" if r.python else "command", "source": r.source,
+             "hash": r.definition_hash()} for r in found.values()]
+    if as_json:
+        print_json({"runners": rows, "errors": errors})
+        return
+    table(None, ["runner", "version", "plane", "kind", "source"],
+          [[r["name"], r["version"], r["plane"], r["kind"], r["source"]] for r in rows])
+    for problem in errors.values():
+        error_console.print(f"[red]invalid:[/red] {problem}", markup=True)
+
+
+@runners.command(name="show")
+@click.argument("name")
+@common
+def runners_show(name: str, home: Path | None, as_json: bool) -> None:
+    """Show one runner's full definition."""
+    with open_cell(home, auto_worker=False) as cell:
+        runner = cell.runner(name)
+    data = {**runner.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "hash": runner.definition_hash()}
+    if as_json:
+        print_json(data)
+    else:
+        console.out(yaml.safe_dump(data, sort_keys=False), highlight=False)
+
+
+@runners.command(name="validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@common
+def runners_validate(file: Path, home: Path | None, as_json: bool) -> None:
+    """Validate a runner YAML file without registering it."""
+    from jobcell.registry import load_runner_file
+
+    runner = load_runner_file(file)
+    if as_json:
+        print_json({"valid": True, "name": runner.name, "hash": runner.definition_hash()})
+    else:
+        console.print(f"{file}: valid runner {runner.name!r} (version {runner.version})")
+
+
+@main.group()
+def config() -> None:
+    """Show the cell's configuration."""
+
+
+@config.command(name="show")
+@common
+def config_show(home: Path | None, as_json: bool) -> None:
+    """Print every option's effective value and where it came from."""
+    with open_cell(home, auto_worker=False) as cell:
+        rows = cell.settings.describe()
+        root = str(cell.home.root)
+    if as_json:
+        print_json({"home": root, "options": rows})
+        return
+    console.print(f"home: {root}")
+    table(None, ["option", "value", "source"],
+          [[r["name"], json.dumps(r["value"]), r["source"]] for r in rows])
+
+
+@main.command()
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cell home for the demo (default: a new temporary directory).")
+@click.option("--lines", type=click.IntRange(1, 1_000_000), default=2000, show_default=True,
+              help="Lines of text each generator writes.")
+def demo(home: Path | None, lines: int) -> None:
+    """Run the demo pipeline on the embedded default and show scheduling, caching, results."""
+    from jobcell.demo import run_demo
+
+    sys.exit(run_demo(home, lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Example runners and the demo pipeline."""
