@@ -47,10 +47,11 @@ def _show_result(cell: Cell, job_id: str) -> None:
                   f"from {', '.join(value.get('sources', []))}")
     for item in value.get("top", []):
         console.print(f"  {item['word']:<10} {item['count']}")
-    console.print("\n[bold]Output files[/bold] (size, BLAKE3 digest, path):")
+    console.print(f"\n[bold]Output files[/bold] (under {cell.home.root}):")
     for out in cell.outputs(job_id):
-        console.print(f"  {out['step']}/{out['name']:<12} {out['size']:>7} B  "
-                      f"{out['blake3'][:12]}  {out['path']}", soft_wrap=True)
+        relative = Path(out["path"]).relative_to(cell.home.root)
+        console.print(f"  {out['size']:>7} B  blake3 {out['blake3'][:12]}  {relative}",
+                      soft_wrap=True)
 
 
 def run_demo(home: Path | None, lines: int) -> int:
