@@ -12,19 +12,22 @@ from typing import Any
 from jobcell.errors import ConfigError
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool):
+def _integer(value: Any) -> int:
+    # int() would silently truncate 2.5 and overflow on inf; neither is a valid count.
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError
-    number = int(value)
+    return int(value)
+
+
+def _positive_int(value: Any) -> int:
+    number = _integer(value)
     if number < 1:
         raise ValueError
     return number
 
 
 def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError
-    number = int(value)
+    number = _integer(value)
     if number < 0:
         raise ValueError
     return number
@@ -53,7 +56,7 @@ def _positive_float(value: Any) -> float:
 
 def _non_negative_float(value: Any) -> float:
     number = float(value)
-    if number < 0 or isinstance(value, bool):
+    if not number >= 0 or isinstance(value, bool):  # "not >=" also rejects NaN
         raise ValueError
     return number
 
@@ -127,6 +130,9 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # copy/pickle probe dunders before ``values`` exists; looking it up would recurse.
+            raise AttributeError(name)
         try:
             return self.values[name]
         except KeyError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,6 +38,13 @@ class ParamSpec(BaseModel):
 
     @model_validator(mode="after")
     def _default_fits(self) -> ParamSpec:
+        if self.pattern is not None:
+            # A bad regex must fail here, not as a bare re.error when a step is validated.
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regular "
+                                 f"expression: {exc}") from None
         if self.default is not None:
             problem = type_problem(self, self.default)
             if problem:
@@ -71,13 +79,13 @@ def type_problem(spec: ParamSpec, value: Any) -> str | None:
         if spec.maximum is not None and value > spec.maximum:
             return f"must be <= {spec.maximum:g}, got {value}"
     if spec.type == "string":
+        if "\x00" in value:
+            return "must not contain a NUL character (it cannot be passed as an argument)"
         return _string_problem(spec, value)
     return None
 
 
 def _string_problem(spec: ParamSpec, value: str) -> str | None:
-    import re
-
     if spec.min_length is not None and len(value) < spec.min_length:
         return f"must be at least {spec.min_length} characters"
     if spec.max_length is not None and len(value) > spec.max_length:

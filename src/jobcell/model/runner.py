@@ -12,14 +12,21 @@ from jobcell.model.params import ParamSpec
 from jobcell.model.templating import BUILTIN_PLACEHOLDERS, placeholders
 
 NAME_PATTERN = r"[A-Za-z0-9_.-]+"
+MAX_NAME_LENGTH = 100
 _NAME_RE = re.compile(NAME_PATTERN)
 _CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def check_name(value: str, what: str) -> str:
-    """Validate a runner or node name: ``[A-Za-z0-9_.-]+`` and not ``.``/``..``."""
+    """Validate a runner or node name: ``[A-Za-z0-9_.-]+``, not ``.``/``..``, at most 100 long.
+
+    Names become directory names, so they must never escape or overflow one.
+    """
     if not _NAME_RE.fullmatch(value) or value in (".", ".."):
         raise ValueError(f"{what} {value!r} must match {NAME_PATTERN} and not be '.' or '..'")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters long; "
+                         f"the limit is {MAX_NAME_LENGTH}")
     return value
 
 
