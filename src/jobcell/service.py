@@ -164,7 +164,9 @@ class Cell:
         return job
 
     def _dedup(self, job: CompiledJob, owner: str, fresh: dict[str, str]) -> str | None:
-        if not job.cache:
+        # A step that opted out of caching (``cache: false`` on the node, or a runner with
+        # ``cacheable: false``) must run again, so its job cannot be replaced by a twin.
+        if not job.cache or not all(step.cache for step in job.steps):
             return None
         if job.spec_hash in fresh:
             return fresh[job.spec_hash]

@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -110,6 +111,7 @@ class Worker:
         self._cancelling: set[str] = set()
         self._touched: set[str] = set()
         self._runner_cache: dict[str, RunnerDefinition] = {}
+        self._runner_groups: dict[str, str] = {}   # runner name -> concurrency group
         self._stop = False
         self._last_heartbeat = 0.0
         self._idle_since: float | None = None
@@ -390,9 +392,11 @@ class Worker:
     def _admit(self, now: float) -> bool:
         if self._stop:
             return False
-        queue = self.store.ready_steps(now, ADMIT_BATCH)
+        queue = self.store.ready_steps(now, ADMIT_BATCH,
+                                       exclude_runners=self._saturated_runners())
         if not queue:
             return False
+        self._runner_groups.update((s.runner, self._runner(s).group) for s in queue)
         by_key = {step_key(s.job_id, s.step_id): s for s in queue}
         requests = [Request(k, s.cpu_slots, s.memory_mb, self._runner(s).group,
                             self._runner(s).max_concurrent) for k, s in by_key.items()]
@@ -405,6 +409,23 @@ class Worker:
         started = [by_key[k] for k in decision.admit]
         self._start(started, now)
         return True
+
+    def _saturated_runners(self) -> set[str]:
+        """Runners whose concurrency group is at its ``max_concurrent``.
+
+        Their queued steps cannot start now; left in the admission window, a long backlog
+        of them would keep every other runner's steps out of it.
+        """
+        running: Counter[str] = Counter()
+        limits: dict[str, int] = {}
+        for step in self._running.values():
+            runner = self._runner(step)
+            self._runner_groups[step.runner] = runner.group
+            running[runner.group] += 1
+            if runner.max_concurrent is not None:
+                limits[runner.group] = runner.max_concurrent
+        full = {group for group, limit in limits.items() if running[group] >= limit}
+        return {name for name, group in self._runner_groups.items() if group in full}
 
     def _fail_impossible(self, never_fits: tuple[tuple[str, str], ...],
                          by_key: dict[str, StepRow], now: float) -> None:
@@ -446,6 +467,7 @@ class Worker:
             if pid is not None:
                 step.pid = pid
                 pids.steps.append(StepUpdate(step.job_id, step.step_id, {"pid": pid}))
+        _fault("after_spawn")
         if pids:
             self.store.apply(pids)
 

@@ -18,6 +18,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from jobcell.executors.base import Launch, Phase, Status
 
 LOCK_FILE = ".lock"
@@ -56,6 +58,26 @@ def lock_held(attempt_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def process_group_of(attempt_dir: Path) -> int | None:
+    """The process group (the wrapper's PID) of a live attempt whose PID was not recorded.
+
+    Found from ``child.pid``; accepted only when the runner or the wrapper still works in the
+    attempt directory, so a recycled PID never leads to signalling someone else's processes.
+    """
+    try:
+        runner = int((attempt_dir / "child.pid").read_text().strip())
+        group = os.getpgid(runner)
+    except (OSError, ValueError):
+        return None
+    for pid in (group, runner):
+        try:
+            if Path(psutil.Process(pid).cwd()) == attempt_dir.resolve():
+                return group
+        except (psutil.Error, OSError):
+            continue
+    return None
 
 
 class EmbeddedExecutor:
@@ -103,36 +125,46 @@ class EmbeddedExecutor:
 
     @staticmethod
     def _status(item: _Tracked) -> Status:
-        if item.process is not None:
-            if item.process.poll() is None:
-                return Status(Phase.RUNNING)
-            if lock_held(item.attempt_dir):
-                # The wrapper is gone but the runner it started still holds the lock.
-                return Status(Phase.RUNNING)
-        else:
-            code = read_exit_code(item.attempt_dir)
-            if code is not None:
-                return Status(Phase.EXITED, code)
-            if lock_held(item.attempt_dir):
-                return Status(Phase.RUNNING)
+        if item.process is not None and item.process.poll() is None:
+            return Status(Phase.RUNNING)
+        # The exit_code file is the authority: once it is there the attempt has ended, even
+        # when a background process the runner started still holds the lock.
         code = read_exit_code(item.attempt_dir)
+        if code is not None:
+            return Status(Phase.EXITED, code)
+        if lock_held(item.attempt_dir):
+            # No exit_code yet and some process of the attempt lives: an adopted wrapper still
+            # running, or a runner whose wrapper was killed.
+            return Status(Phase.RUNNING)
+        code = read_exit_code(item.attempt_dir)  # written between the first read and the lock
         if code is not None:
             return Status(Phase.EXITED, code)
         return Status(Phase.INTERRUPTED)
 
     def terminate(self, key: str, force: bool = False) -> None:
         item = self._tracked.get(key)
-        if item is None or item.pid is None:
+        if item is None:
             return
         if item.process is None and not lock_held(item.attempt_dir):
             return  # nothing of this attempt is alive; the PID may belong to someone else now
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(item.pid, signal.SIGKILL if force else signal.SIGTERM)
+        self._signal_group(item, signal.SIGKILL if force else signal.SIGTERM)
+
+    @staticmethod
+    def _signal_group(item: _Tracked, signal_number: int) -> None:
+        if item.pid is None:
+            item.pid = process_group_of(item.attempt_dir)
+        if item.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(item.pid, signal_number)
 
     def forget(self, key: str) -> None:
         item = self._tracked.pop(key, None)
         if item is None:
             return
+        if lock_held(item.attempt_dir):
+            # The attempt has ended (its end was recorded) but processes it started linger
+            # in its process group; they would go on outside any lease, so they are killed.
+            self._signal_group(item, signal.SIGKILL)
         if item.pidfd is not None:
             os.close(item.pidfd)
         if item.process is not None and item.process.poll() is None:

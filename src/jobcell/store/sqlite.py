@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -261,11 +261,14 @@ class SQLiteStore:
             "ORDER BY priority DESC, seq", wanted)
         return [self._step(r) for r in rows]
 
-    def ready_steps(self, now: float, limit: int) -> list[StepRow]:
+    def ready_steps(self, now: float, limit: int,
+                    exclude_runners: Collection[str] = ()) -> list[StepRow]:
+        excluded = sorted(exclude_runners)
         rows = self._conn().execute(
             f"SELECT {_STEP_COLUMNS} FROM steps WHERE state = 'queued' "
-            "AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, seq LIMIT ?",
-            (now, limit))
+            "AND (not_before IS NULL OR not_before <= ?) "
+            f"AND runner NOT IN ({','.join('?' * len(excluded))}) "
+            "ORDER BY priority DESC, seq LIMIT ?", (now, *excluded, limit))
         return [self._step(r) for r in rows]
 
     def jobs_with_cancel_requested(self) -> list[str]:
