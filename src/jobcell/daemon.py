@@ -88,6 +88,9 @@ def stop_worker(store: Store, ttl: float, timeout_s: float = 30.0) -> dict[str, 
         return {"stopped": False, "reason": "no worker is running"}
     if info.hostname != socket.gethostname():
         raise WorkerError(f"the worker runs on host {info.hostname}; stop it there")
+    if info.pid == os.getpid():
+        raise WorkerError("the worker runs inside this process; stop it with "
+                          "Worker.request_stop() instead of a signal")
     if lock_is_stale(info, time.time(), ttl):
         store.release_lock(info.token)
         return {"stopped": False, "reason": "the worker was not alive; its stale lock was cleared",

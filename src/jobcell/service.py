@@ -134,7 +134,8 @@ class Cell:
             if existing is not None:
                 results.append(SubmitResult(existing, True))
                 continue
-            row = self._job_row(job, owner, now)
+            # A microsecond apart, so "newest first" keeps the order of the batch.
+            row = self._job_row(job, owner, now + len(rows) * 1e-6)
             fresh[job.spec_hash] = row.job_id
             rows.append(row)
             events.append(NewEvent(row.job_id, "submitted", now, None,

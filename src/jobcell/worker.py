@@ -43,7 +43,16 @@ from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobStat
 from jobcell.scheduler.admission import Lease, Request, admit
 from jobcell.scheduler.capacity import Capacity, detect_capacity
 from jobcell.settings import Settings, load_settings
-from jobcell.store import AttemptRow, Changes, LockInfo, NewEvent, OutputRow, StepRow, Store
+from jobcell.store import (
+    AttemptRow,
+    Changes,
+    ConflictError,
+    LockInfo,
+    NewEvent,
+    OutputRow,
+    StepRow,
+    Store,
+)
 from jobcell.store.base import JobUpdate, StepUpdate
 from jobcell.store.sqlite import SQLiteStore
 
@@ -161,10 +170,7 @@ class Worker:
             self._running[key] = step
             attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
             self.executor.adopt(key, attempt_dir, step.pid)
-        for job in self.store.list_jobs(state=JobState.RUNNING, limit=1_000_000):
-            self._touched.add(job.job_id)
-        for job in self.store.list_jobs(state=JobState.QUEUED, limit=1_000_000):
-            self._touched.add(job.job_id)
+        self._touched.update(self.store.job_ids_in_states(ACTIVE_JOB_STATES))
 
     def run(self, until_idle: bool = False) -> None:
         """Serve the cell until stopped, idle for ``worker_idle_exit_s``, or (``until_idle``)
@@ -172,19 +178,44 @@ class Worker:
         self.acquire()
         try:
             self.recover()
-            while not self._stop:
-                now = self.clock()
-                if not self._heartbeat(now):
-                    print("lost the scheduler lock; stopping", file=sys.stderr)
-                    return
-                did = self.run_once()
-                if self._should_exit(did, until_idle):
-                    break
-                if not did:
-                    self.executor.wait(self.settings.poll_interval_s)
+            self._serve(until_idle)
         finally:
             with contextlib.suppress(Exception):
                 self.release()
+
+    def _serve(self, until_idle: bool) -> None:
+        while not self._stop:
+            if not self._heartbeat(self.clock()):
+                print("lost the scheduler lock; stopping", file=sys.stderr)
+                return
+            try:
+                did = self.run_once()
+            except ConflictError:
+                if self.store.heartbeat(self.token, self.clock()):
+                    raise
+                print("another worker took over the scheduler lock; stopping", file=sys.stderr)
+                return
+            if self._should_exit(did, until_idle):
+                if self._leave_if_still_idle():
+                    return
+            elif not did:
+                self.executor.wait(self.settings.poll_interval_s)
+
+    def _leave_if_still_idle(self) -> bool:
+        """Release the lock; stay on if a job arrived meanwhile.
+
+        A submitter that saw this worker alive did not start another one, so a job
+        that arrived between the idle check and the release must still be served.
+        """
+        self.release()
+        if self.store.count_jobs(states=ACTIVE_JOB_STATES) == 0:
+            return True
+        try:
+            self.acquire()
+        except WorkerAlreadyRunning:
+            return True  # another worker serves the new job
+        self._idle_since = None
+        return False
 
     def _should_exit(self, did: bool, until_idle: bool) -> bool:
         if did or self._running:

@@ -293,6 +293,16 @@ def test_request_cancel_only_active_jobs_and_only_once(store: Store) -> None:
 
 # -- the worker's queries -----------------------------------------------------------------
 
+def test_job_ids_in_states_oldest_first(store: Store) -> None:
+    insert(store,
+           make_job("new", created_at=3000.0),
+           make_job("old", created_at=1000.0, state=JobState.RUNNING),
+           make_job("done", created_at=2000.0, state=JobState.SUCCEEDED))
+    assert store.job_ids_in_states([JobState.QUEUED, JobState.RUNNING]) == ["old", "new"]
+    assert store.job_ids_in_states([JobState.SUCCEEDED]) == ["done"]
+    assert store.job_ids_in_states([]) == []
+
+
 def test_steps_in_states_priority_then_seq(store: Store) -> None:
     insert(store, make_job("low", steps=2, priority=0))
     insert(store, make_job("high", steps=1, priority=5, step_state=StepState.RUNNING))

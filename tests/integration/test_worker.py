@@ -564,3 +564,44 @@ def test_outputs_list_size_and_blake3(cell: Cell, tools: Path) -> None:
     assert out["blake3"] == blake3.blake3(text.encode()).hexdigest()
     assert not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
     assert os.access(path, os.R_OK)
+
+
+def test_stopping_a_worker_that_runs_in_this_process_is_refused(cell: Cell) -> None:
+    """A signal would hit the caller itself; the error says what to do instead."""
+    from jobcell.errors import WorkerError
+    from jobcell.worker import Worker
+
+    worker = Worker(cell.home, cell.settings, cell.store)
+    worker.acquire()
+    try:
+        with pytest.raises(WorkerError, match="inside this process"):
+            cell.stop_worker(timeout_s=1)
+    finally:
+        worker.release()
+
+
+def test_submit_many_keeps_batch_order_newest_first(cell: Cell, tools: Path) -> None:
+    """Jobs of one batch list newest first in reverse submission order."""
+    register_stamp(cell, tools)
+    specs = [{"label": "order", "steps": [{"runner": "stamp", "params": {"name": f"n{i}"}}]}
+             for i in range(20)]
+    ids = [r.job_id for r in cell.submit_many(specs)]
+    listed = [j["job_id"] for j in cell.list(label="order", limit=100)]
+    assert listed == list(reversed(ids))
+
+
+def test_idle_worker_stays_when_a_job_arrives_as_it_leaves(cell: Cell, tools: Path) -> None:
+    """A job submitted while the worker decides to exit is served, not stranded."""
+    from jobcell.worker import Worker
+
+    register_stamp(cell, tools)
+    worker = Worker(cell.home, cell.settings, cell.store)
+    worker.acquire()
+    assert worker._leave_if_still_idle() is True          # nothing active: it leaves
+    assert cell.store.lock_info() is None
+    worker.acquire()
+    cell.submit({"label": "late", "steps": [{"runner": "stamp", "params": {"name": "x"}}]})
+    assert worker._leave_if_still_idle() is False         # a job arrived: it stays
+    info = cell.store.lock_info()
+    assert info is not None and info.token == worker.token
+    worker.release()

@@ -261,6 +261,13 @@ class SQLiteStore:
             "ORDER BY priority DESC, seq", wanted)
         return [self._step(r) for r in rows]
 
+    def job_ids_in_states(self, states: Iterable[JobState]) -> list[str]:
+        wanted = [str(s) for s in states]
+        rows = self._conn().execute(
+            f"SELECT job_id FROM jobs WHERE state IN ({','.join('?' * len(wanted))}) "
+            "ORDER BY created_at", wanted)
+        return [r[0] for r in rows]
+
     def ready_steps(self, now: float, limit: int,
                     exclude_runners: Collection[str] = ()) -> list[StepRow]:
         excluded = sorted(exclude_runners)
