@@ -29,6 +29,7 @@ from jobcell.cli_output import (
     table,
 )
 from jobcell.errors import JobcellError, SpecError
+from jobcell.registry import describe_yaml_error
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 124
@@ -77,23 +78,30 @@ def open_cell(home: Path | None, auto_worker: bool = True) -> Any:
 
 def load_spec_file(path: str) -> Any:
     """Read a job spec from a YAML or JSON file, or from stdin when ``path`` is ``-``."""
-    if path == "-":
-        text, name = sys.stdin.read(), "<stdin>"
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise SpecError(f"spec file {path!r} does not exist")
-        text, name = file.read_text(encoding="utf-8"), path
+    name = "<stdin>" if path == "-" else path
     try:
-        if name.endswith(".json"):
-            return json.loads(text)
-        return yaml.safe_load(text)
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            file = Path(path)
+            if file.is_dir():
+                raise SpecError(f"spec file {path!r} is a directory")
+            if not file.is_file():
+                raise SpecError(f"spec file {path!r} does not exist")
+            text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{name}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise SpecError(f"spec file {name!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{name}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{name}: not valid YAML{where}") from None
+        raise SpecError(f"{name}: {describe_yaml_error(exc)}") from None
+    if data is None:
+        raise SpecError(f"{name}: the job spec is empty")
+    return data
 
 
 @click.group(cls=JobcellGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -317,7 +325,11 @@ def worker_start(home: Path | None, as_json: bool) -> None:
     """Start the worker (or report the live one)."""
     with open_cell(home, auto_worker=False) as cell:
         before = cell.worker_status()
-        info = before if before["alive"] else cell.ensure_worker()
+        if not before["alive"]:
+            cell.ensure_worker()
+        # Read the status back through the service so both paths print the same shape
+        # (ensure_worker's own answer carries a raw UNIX started_at).
+        info = cell.worker_status()
     info = {**info, "already_running": bool(before["alive"])}
     if as_json:
         print_json(info)

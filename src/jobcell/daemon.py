@@ -106,10 +106,14 @@ def stop_worker(store: Store, ttl: float, timeout_s: float = 30.0) -> dict[str, 
 
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:
-    try:
-        psutil.Process(pid).wait(timeout=timeout_s)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return False
-    return True
+    """Whether the process ended within ``timeout_s``; a zombie awaiting its reaper counts."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.02)

@@ -22,6 +22,14 @@ from jobcell.model.validation import describe_validation_error
 RUNNER_SUFFIXES = (".yaml", ".yml")
 
 
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """'not valid YAML at line N: the parser's reason'."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    return f"not valid YAML{where}" + (f": {problem}" if problem else "")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -32,9 +40,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RunnerDefinitionError(f"{path}: not valid YAML{where}") from None
+        raise RunnerDefinitionError(f"{path}: {describe_yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise RunnerDefinitionError(f"{path}: a runner file must hold one mapping (one runner)")
     return data

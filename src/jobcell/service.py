@@ -360,7 +360,8 @@ class Cell:
 
     def ensure_worker(self) -> dict[str, Any]:
         """Start the embedded worker unless a live one serves this cell."""
-        return daemon.start_worker(self.home, self.store, self.settings.worker_heartbeat_ttl_s)
+        daemon.start_worker(self.home, self.store, self.settings.worker_heartbeat_ttl_s)
+        return self.worker_status()
 
     def stop_worker(self, timeout_s: float = 30.0) -> dict[str, Any]:
         return daemon.stop_worker(self.store, self.settings.worker_heartbeat_ttl_s, timeout_s)
