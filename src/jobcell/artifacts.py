@@ -91,13 +91,14 @@ def _read_value(output_dir: Path) -> Any:
 
 
 def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str, Path],
-                    layout: str) -> AttemptPaths:
+                    layout: str, step_input: bool = True) -> AttemptPaths:
     """Create the attempt directory and stage upstream outputs under ``input/``.
 
     ``upstream`` maps each input node id to that node's output directory. In the
     ``nested`` layout (pipelines) each goes to ``input/<node_id>/``; in the
     ``flat`` layout (ordered steps) the single predecessor's files go to ``input/``.
-    An ``inputs.json`` manifest lists every staged file.
+    An ``inputs.json`` manifest lists every staged file. With ``step_input`` (Python
+    runners), ``input.json`` also gives the params and paths.
     """
     paths = AttemptPaths(root)
     root.mkdir(parents=True, exist_ok=False)
@@ -109,9 +110,10 @@ def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str
         manifest[node_id] = {"dir": str(target), "files": files, "value": _read_value(source)}
     paths.input_dir.mkdir(exist_ok=True)
     (root / "inputs.json").write_text(canonical_json({"inputs": manifest}), encoding="utf-8")
-    step_input = {"params": dict(params), "input_dir": str(paths.input_dir),
-                  "output_dir": str(paths.output_dir), "inputs": manifest}
-    (root / "input.json").write_text(canonical_json(step_input), encoding="utf-8")
+    if step_input:
+        data = {"params": dict(params), "input_dir": str(paths.input_dir),
+                "output_dir": str(paths.output_dir), "inputs": manifest}
+        (root / "input.json").write_text(canonical_json(data), encoding="utf-8")
     return paths
 
 

@@ -12,27 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from jobcell import __version__
-from jobcell.cli_output import (
-    console,
-    error_console,
-    print_json,
-    progress_bar,
-    show_jobs,
-    show_logs,
-    show_mapping,
-    show_outputs,
-    show_status,
-    styled_state,
-    table,
-)
-from jobcell.errors import JobcellError, SpecError
-from jobcell.registry import describe_yaml_error
+from jobcell.errors import JobcellError, SpecError, describe_yaml_error
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 124
+
+
+
+
+def _out() -> Any:
+    """The rich-based renderer, imported only for output meant for people."""
+    from jobcell import cli_output
+
+    return cli_output
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def print_error(message: str) -> None:
+    """One sentence on stderr."""
+    sys.stderr.write(f"jobcell: {message}\n")
 
 
 class JobcellGroup(click.Group):
@@ -42,18 +46,18 @@ class JobcellGroup(click.Group):
         try:
             return super().invoke(ctx)
         except JobcellError as exc:
-            error_console.print(f"jobcell: {exc}", markup=False)
+            print_error(str(exc))
             sys.exit(exc.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            error_console.print("jobcell: interrupted")
+            print_error("interrupted")
             sys.exit(130)
         except Exception as exc:  # a bug: still no bare traceback unless asked for
             if os.environ.get("JOBCELL_DEBUG"):
                 traceback.print_exc()
-            error_console.print(f"jobcell: internal error: {type(exc).__name__}: {exc} "
-                                "(set JOBCELL_DEBUG=1 to see the traceback)", markup=False)
+            print_error(f"internal error: {type(exc).__name__}: {exc} "
+                        "(set JOBCELL_DEBUG=1 to see the traceback)")
             sys.exit(EXIT_FAILED)
 
 
@@ -78,6 +82,8 @@ def open_cell(home: Path | None, auto_worker: bool = True) -> Any:
 
 def load_spec_file(path: str) -> Any:
     """Read a job spec from a YAML or JSON file, or from stdin when ``path`` is ``-``."""
+    import yaml
+
     name = "<stdin>" if path == "-" else path
     try:
         if path == "-":
@@ -129,31 +135,30 @@ def submit(spec: str, label: str | None, tags: tuple[str, ...], owner: str | Non
             if as_json:
                 print_json(result.to_dict())
             elif result.deduplicated:
-                console.print(f"job {result.job_id} (identical to an existing job: "
+                _out().console.print(f"job {result.job_id} (identical to an existing job: "
                               "deduplicated, nothing new was queued)")
             else:
-                console.print(f"submitted job {result.job_id}")
+                _out().console.print(f"submitted job {result.job_id}")
             return
         if not as_json:
             note = " (deduplicated)" if result.deduplicated else ""
-            console.print(f"submitted job {result.job_id}{note}")
+            _out().console.print(f"submitted job {result.job_id}{note}")
         _wait_and_report(cell, result.job_id, timeout, as_json,
                          extra={"deduplicated": result.deduplicated})
 
 
 def _wait_and_report(cell: Any, job_id: str, timeout: float | None, as_json: bool,
                      extra: dict[str, Any] | None = None) -> None:
-    with progress_bar(enabled=not as_json and sys.stderr.isatty()) as update:
+    with _out().progress_bar(enabled=not as_json and sys.stderr.isatty()) as update:
         status = cell.wait(job_id, timeout_s=timeout, on_progress=update)
     if as_json:
         print_json({**status, **(extra or {})})
     else:
-        show_status(status)
+        _out().show_status(status)
     if status["state"] == "succeeded":
         return
     if status["state"] in ("queued", "running"):
-        error_console.print(f"jobcell: job {job_id} is still {status['state']} after "
-                            f"{timeout:g} s")
+        print_error(f"job {job_id} is still {status['state']} after {timeout:g} s")
         sys.exit(EXIT_TIMEOUT)
     sys.exit(EXIT_FAILED)
 
@@ -165,7 +170,7 @@ def status(job_id: str, home: Path | None, as_json: bool) -> None:
     """Show a job's state and its steps."""
     with open_cell(home, auto_worker=False) as cell:
         result = cell.status(job_id)
-    print_json(result) if as_json else show_status(result)
+    print_json(result) if as_json else _out().show_status(result)
 
 
 @main.command()
@@ -188,7 +193,7 @@ def logs(job_id: str, step: str | None, last_n: int, home: Path | None, as_json:
     """Show the last lines of each step's stdout and stderr."""
     with open_cell(home, auto_worker=False) as cell:
         result = cell.logs(job_id, step=step, last_n=last_n)
-    print_json(result) if as_json else show_logs(result)
+    print_json(result) if as_json else _out().show_logs(result)
 
 
 @main.command()
@@ -198,7 +203,7 @@ def outputs(job_id: str, home: Path | None, as_json: bool) -> None:
     """List a job's output files with size and BLAKE3 digest."""
     with open_cell(home, auto_worker=False) as cell:
         result = cell.outputs(job_id)
-    print_json(result) if as_json else show_outputs(result)
+    print_json(result) if as_json else _out().show_outputs(result)
 
 
 @main.command()
@@ -211,10 +216,10 @@ def result(job_id: str, home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json(value)
         return
-    console.print(f"job {value['job_id']}  {styled_state(value['state'])}")
+    _out().console.print(f"job {value['job_id']}  {_out().styled_state(value['state'])}")
     if value["error"]:
-        console.print(f"[red]error:[/red] {value['error']}")
-    console.print_json(json.dumps(value["result"], default=str))
+        _out().console.print(f"[red]error:[/red] {value['error']}")
+    _out().console.print_json(json.dumps(value["result"], default=str))
 
 
 @main.command(name="list")
@@ -231,7 +236,7 @@ def list_jobs(label: str | None, state: str | None, tag: str | None, owner: str 
     with open_cell(home, auto_worker=False) as cell:
         jobs = cell.list(label=label, state=state, tag=tag, owner=owner, limit=limit,
                          offset=offset)
-    print_json(jobs) if as_json else show_jobs(jobs)
+    print_json(jobs) if as_json else _out().show_jobs(jobs)
 
 
 @main.command()
@@ -244,9 +249,9 @@ def cancel(job_id: str, home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json(answer)
     elif answer["cancelled"]:
-        console.print(f"job {job_id} cancelled")
+        _out().console.print(f"job {job_id} cancelled")
     else:
-        console.print(f"job {job_id} is {answer['state']}"
+        _out().console.print(f"job {job_id} is {answer['state']}"
                       + (f": {answer['reason']}" if answer.get("reason") else ""))
 
 
@@ -261,7 +266,7 @@ def events(job_id: str, home: Path | None, as_json: bool) -> None:
         print_json(rows)
         return
     skip = {"seq", "kind", "step", "at"}
-    table(None, ["at", "event", "step", "details"],
+    _out().table(None, ["at", "event", "step", "details"],
           [[e["at"], e["kind"], e["step"] or "",
             " ".join(f"{k}={v}" for k, v in e.items() if k not in skip)] for e in rows])
 
@@ -273,7 +278,7 @@ def capabilities(home: Path | None, as_json: bool) -> None:
     """Show what this cell offers and where each figure came from."""
     with open_cell(home, auto_worker=False) as cell:
         caps = cell.capabilities()
-    print_json(caps) if as_json else show_mapping("capabilities", caps)
+    print_json(caps) if as_json else _out().show_mapping("capabilities", caps)
 
 
 @main.group()
@@ -291,16 +296,16 @@ def scheduler_status(home: Path | None, as_json: bool) -> None:
         print_json(state)
         return
     cap, used, free = state["capacity"], state["used"], state["free"]
-    table("resources", ["", "cpu slots", "memory MB"],
+    _out().table("resources", ["", "cpu slots", "memory MB"],
           [["capacity", cap["cpu_slots"], cap["memory_mb"]],
            ["used", used["cpu_slots"], used["memory_mb"]],
            ["free", free["cpu_slots"], free["memory_mb"]]])
     if state["leases"]:
-        table("leases", ["job", "step", "runner", "cpu", "MB", "since"],
+        _out().table("leases", ["job", "step", "runner", "cpu", "MB", "since"],
               [[x["job_id"], x["step"], x["runner"], x["cpu_slots"], x["memory_mb"],
                 x["started_at"]] for x in state["leases"]])
     queue = state["queue"]
-    console.print(f"queue depth: {queue['depth']}  by runner: {queue['by_runner']}  "
+    _out().console.print(f"queue depth: {queue['depth']}  by runner: {queue['by_runner']}  "
                   f"by owner: {queue['by_owner']}")
     _print_worker(state["worker"])
 
@@ -312,10 +317,10 @@ def worker() -> None:
 
 def _print_worker(info: dict[str, Any]) -> None:
     if info["pid"] is None:
-        console.print("worker: not running")
+        _out().console.print("worker: not running")
     else:
         alive = "alive" if info["alive"] else "not alive (stale lock)"
-        console.print(f"worker: pid {info['pid']} on {info['hostname']}, {alive}, last "
+        _out().console.print(f"worker: pid {info['pid']} on {info['hostname']}, {alive}, last "
                       f"heartbeat {info['heartbeat_age_s']} s ago")
 
 
@@ -335,7 +340,7 @@ def worker_start(home: Path | None, as_json: bool) -> None:
         print_json(info)
         return
     if before["alive"]:
-        console.print("a worker is already running for this cell")
+        _out().console.print("a worker is already running for this cell")
     _print_worker(info)
 
 
@@ -350,9 +355,9 @@ def worker_stop(timeout: float, home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json(answer)
     elif answer["stopped"]:
-        console.print(f"stopped the worker (pid {answer['pid']})")
+        _out().console.print(f"stopped the worker (pid {answer['pid']})")
     else:
-        console.print(answer["reason"])
+        _out().console.print(answer["reason"])
 
 
 @worker.command(name="status")
@@ -382,10 +387,10 @@ def runners_list(home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json({"runners": rows, "errors": errors})
         return
-    table(None, ["runner", "version", "plane", "kind", "source"],
+    _out().table(None, ["runner", "version", "plane", "kind", "source"],
           [[r["name"], r["version"], r["plane"], r["kind"], r["source"]] for r in rows])
     for problem in errors.values():
-        error_console.print(f"[red]invalid:[/red] {problem}", markup=True)
+        _out().error_console.print(f"[red]invalid:[/red] {problem}", markup=True)
 
 
 @runners.command(name="show")
@@ -400,7 +405,9 @@ def runners_show(name: str, home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json(data)
     else:
-        console.out(yaml.safe_dump(data, sort_keys=False), highlight=False)
+        import yaml
+
+        _out().console.out(yaml.safe_dump(data, sort_keys=False), highlight=False)
 
 
 @runners.command(name="validate")
@@ -414,7 +421,7 @@ def runners_validate(file: Path, home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json({"valid": True, "name": runner.name, "hash": runner.definition_hash()})
     else:
-        console.print(f"{file}: valid runner {runner.name!r} (version {runner.version})")
+        _out().console.print(f"{file}: valid runner {runner.name!r} (version {runner.version})")
 
 
 @main.group()
@@ -432,8 +439,8 @@ def config_show(home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json({"home": root, "options": rows})
         return
-    console.print(f"home: {root}")
-    table(None, ["option", "value", "source"],
+    _out().console.print(f"home: {root}")
+    _out().table(None, ["option", "value", "source"],
           [[r["name"], json.dumps(r["value"]), r["source"]] for r in rows])
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,11 +16,6 @@ error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _STATE_STYLE = {"succeeded": "green", "cached": "green", "failed": "red", "cancelled": "yellow",
                 "running": "cyan", "queued": "white", "pending": "dim"}
-
-
-def print_json(value: Any) -> None:
-    """Machine-readable output: one JSON document on stdout."""
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def styled_state(state: str) -> str:

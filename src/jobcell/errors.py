@@ -31,3 +31,11 @@ class QuotaError(JobcellError):
 
 class WorkerError(JobcellError):
     """The worker could not be started, stopped or reached."""
+
+
+def describe_yaml_error(exc: Exception) -> str:
+    """'not valid YAML at line N: the parser's reason' for a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    return f"not valid YAML{where}" + (f": {problem}" if problem else "")

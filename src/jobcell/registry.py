@@ -15,19 +15,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobcell.errors import RunnerDefinitionError
+from jobcell.errors import RunnerDefinitionError, describe_yaml_error
 from jobcell.model.runner import RunnerDefinition, check_name
 from jobcell.model.validation import describe_validation_error
 
 RUNNER_SUFFIXES = (".yaml", ".yml")
-
-
-def describe_yaml_error(exc: yaml.YAMLError) -> str:
-    """'not valid YAML at line N: the parser's reason'."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}" if mark is not None else ""
-    problem = getattr(exc, "problem", None)
-    return f"not valid YAML{where}" + (f": {problem}" if problem else "")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

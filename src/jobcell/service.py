@@ -11,21 +11,26 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jobcell import __version__, artifacts, daemon
+from jobcell import __version__, artifacts
 from jobcell.errors import NotFoundError, QuotaError, SpecError
 from jobcell.home import CellHome, open_home
-from jobcell.model.runner import RunnerDefinition
-from jobcell.model.spec import CompiledJob, compile_spec
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
-from jobcell.registry import RunnerRegistry, callable_runner_data, write_runner
-from jobcell.scheduler.admission import never_fits_reason
-from jobcell.scheduler.capacity import Capacity, detect_capacity
 from jobcell.settings import Settings, load_settings
 from jobcell.store import JobRow, NewEvent, StepRow
 from jobcell.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from jobcell.model.runner import RunnerDefinition
+    from jobcell.model.spec import CompiledJob
+    from jobcell.registry import RunnerRegistry
+    from jobcell.scheduler.capacity import Capacity
+
+# Heavier modules (pydantic models, the registry, the worker) are imported where they are
+# used, so that read-only front-end calls such as ``jobcell status`` start fast.
 
 DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED)
 
@@ -39,8 +44,8 @@ def iso(timestamp: float | None) -> str | None:
 
 
 def new_job_id(now: float) -> str:
-    """A job id that sorts by creation time: milliseconds, then 8 random hex digits."""
-    return f"{int(now * 1000):011x}-{secrets.token_hex(4)}"
+    """A job id that sorts by creation time: milliseconds, then 12 random hex digits."""
+    return f"{int(now * 1000):011x}-{secrets.token_hex(6)}"
 
 
 def default_owner() -> str:
@@ -70,8 +75,6 @@ class Cell:
         self.home = home if isinstance(home, CellHome) else open_home(home)
         self.settings: Settings = load_settings(self.home.config_file, overrides=settings)
         self.store = SQLiteStore(self.home.db_path)
-        paths = [self.home.runners, *(Path(p) for p in self.settings.runner_registry_paths)]
-        self.registry = RunnerRegistry(paths, autosync=self.settings.runner_registry_autosync)
         self.auto_worker = auto_worker
         self._capacity: Capacity | None = None
 
@@ -84,9 +87,19 @@ class Cell:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @cached_property
+    def registry(self) -> RunnerRegistry:
+        """The cell's runner registry (``runners/`` plus ``runner_registry_paths``)."""
+        from jobcell.registry import RunnerRegistry
+
+        paths = [self.home.runners, *(Path(p) for p in self.settings.runner_registry_paths)]
+        return RunnerRegistry(paths, autosync=self.settings.runner_registry_autosync)
+
     @property
     def capacity(self) -> Capacity:
         if self._capacity is None:
+            from jobcell.scheduler.capacity import detect_capacity
+
             s = self.settings
             self._capacity = detect_capacity(s.cpu_slots, s.node_memory_mb, s.memory_reserve_mb)
         return self._capacity
@@ -106,6 +119,8 @@ class Cell:
                         name: str | None = None, overwrite: bool = True,
                         **fields: Any) -> RunnerDefinition:
         """Register a runner from a dict (YAML fields) or a module-level Python function."""
+        from jobcell.registry import callable_runner_data, write_runner
+
         data = (callable_runner_data(definition, name, **fields) if callable(definition)
                 else {**definition, **fields, **({"name": name} if name else {})})
         write_runner(self.home.runners, data, overwrite=overwrite)
@@ -150,6 +165,9 @@ class Cell:
 
     def _compile(self, spec: Any, runners: dict[str, RunnerDefinition], label: str | None,
                  tags: Sequence[str], position: int) -> CompiledJob:
+        from jobcell.model.spec import compile_spec
+        from jobcell.scheduler.admission import never_fits_reason
+
         if isinstance(spec, dict) and (label or tags):
             spec = {**spec, **({"label": label} if label else {}),
                     "tags": [*spec.get("tags", []), *tags]}
@@ -354,17 +372,23 @@ class Cell:
             "worker": self.worker_status()}
 
     def worker_status(self) -> dict[str, Any]:
-        status = daemon.worker_status(self.store, self.settings.worker_heartbeat_ttl_s)
+        status = _daemon().worker_status(self.store, self.settings.worker_heartbeat_ttl_s)
         status["started_at"] = iso(status["started_at"])
         return status
 
     def ensure_worker(self) -> dict[str, Any]:
         """Start the embedded worker unless a live one serves this cell."""
-        daemon.start_worker(self.home, self.store, self.settings.worker_heartbeat_ttl_s)
+        _daemon().start_worker(self.home, self.store, self.settings.worker_heartbeat_ttl_s)
         return self.worker_status()
 
     def stop_worker(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        return daemon.stop_worker(self.store, self.settings.worker_heartbeat_ttl_s, timeout_s)
+        return _daemon().stop_worker(self.store, self.settings.worker_heartbeat_ttl_s, timeout_s)
+
+
+def _daemon() -> Any:
+    from jobcell import daemon
+
+    return daemon
 
 
 def _parse_state(value: str) -> JobState:

@@ -423,7 +423,7 @@ class Worker:
     def _admit(self, now: float) -> bool:
         if self._stop:
             return False
-        queue = self.store.ready_steps(now, ADMIT_BATCH,
+        queue = self.store.ready_steps(now, self._admission_window(),
                                        exclude_runners=self._saturated_runners())
         if not queue:
             return False
@@ -440,6 +440,17 @@ class Worker:
         started = [by_key[k] for k in decision.admit]
         self._start(started, now)
         return True
+
+    def _admission_window(self) -> int:
+        """How many queued steps to consider this round.
+
+        Sized to the free CPU slots (plus a margin for steps that need none or do not fit
+        yet) rather than the whole backlog: reading and parsing a thousand rows each round
+        to start one step would cost more than running it.
+        """
+        used = sum(step.cpu_slots for step in self._running.values())
+        free = max(self.capacity.cpu_slots - used, 0)
+        return min(ADMIT_BATCH, 2 * free + 8)
 
     def _saturated_runners(self) -> set[str]:
         """Runners whose concurrency group is at its ``max_concurrent``.
@@ -518,7 +529,8 @@ class Worker:
         upstream = {
             up: self.home.attempt_dir(step.job_id, up, attempt) / "output"
             for up, attempt in self._upstream_attempts(step).items()}
-        paths = artifacts.prepare_attempt(attempt_dir, step.params, upstream, step.input_layout)
+        paths = artifacts.prepare_attempt(attempt_dir, step.params, upstream, step.input_layout,
+                                          step_input=runner.python is not None)
         values = {**step.params, "input_dir": str(paths.input_dir),
                   "output_dir": str(paths.output_dir), "step_dir": str(attempt_dir),
                   "runner_dir": runner.runner_dir or ""}

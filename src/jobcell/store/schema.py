@@ -24,7 +24,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_state ON jobs (state, created_at);
     CREATE INDEX jobs_owner ON jobs (owner, created_at);
     CREATE INDEX jobs_created ON jobs (created_at);
-    CREATE INDEX jobs_spec_hash ON jobs (spec_hash);
+    CREATE INDEX jobs_spec_hash ON jobs (spec_hash, owner, created_at);
     CREATE INDEX jobs_cancel ON jobs (cancel_requested) WHERE cancel_requested = 1;
     CREATE TABLE job_tags (
         tag TEXT NOT NULL,

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from jobcell.errors import ConfigError
 from jobcell.model.states import JobState, StepState
 from jobcell.store.base import (
     AttemptRow,
@@ -75,19 +76,29 @@ class SQLiteStore:
         conn.execute("COMMIT")
 
     def _migrate(self) -> None:
+        # Opening an up-to-date database only reads: no write lock, no fsync.
+        if self._stored_version() == len(MIGRATIONS):
+            return
         with self._tx() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+            version = self._stored_version()
             if version > len(MIGRATIONS):
-                raise RuntimeError(f"{self.path}: schema version {version} is newer than this "
-                                   f"jobcell knows ({len(MIGRATIONS)}); upgrade jobcell")
+                raise ConfigError(f"{self.path}: schema version {version} is newer than this "
+                                  f"jobcell knows ({len(MIGRATIONS)}); upgrade jobcell")
             for script in MIGRATIONS[version:]:
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                          (str(len(MIGRATIONS)),))
+
+    def _stored_version(self) -> int:
+        try:
+            row = self._conn().execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            return 0  # no meta table yet: a new database
+        return int(row[0]) if row else 0
 
     def schema_version(self) -> int:
         """The schema version of the database file."""
