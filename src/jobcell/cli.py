@@ -271,6 +271,44 @@ def events(job_id: str, home: Path | None, as_json: bool) -> None:
             " ".join(f"{k}={v}" for k, v in e.items() if k not in skip)] for e in rows])
 
 
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` pairs; a value that parses as JSON is taken as JSON, else as text."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--param {pair!r} must look like key=value")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return params
+
+
+@main.command()
+@click.argument("runner")
+@click.option("--param", "-p", "pairs", multiple=True,
+              help="A param as key=value (JSON values allowed; repeatable).")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds before the run is stopped (default: the runner's timeout_s).")
+@common
+def run(runner: str, pairs: tuple[str, ...], timeout: float | None, home: Path | None,
+        as_json: bool) -> None:
+    """Run a session-plane RUNNER inline and print its value (nothing is queued)."""
+    with open_cell(home, auto_worker=False) as cell:
+        answer = cell.run_session(runner, _parse_params(pairs), timeout_s=timeout)
+    if as_json:
+        print_json(answer)
+    elif answer["succeeded"]:
+        _out().console.print_json(json.dumps(answer["value"], default=str))
+    else:
+        print_error(f"runner {runner!r} failed: {answer['error']}")
+        for line in answer["stderr"][-10:]:
+            sys.stderr.write(f"  {line}\n")
+    if not answer["succeeded"]:
+        sys.exit(EXIT_FAILED)
+
+
 # -- the cell ---------------------------------------------------------------------------
 @main.command()
 @common

@@ -5,8 +5,10 @@ from __future__ import annotations
 import getpass
 import os
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -219,6 +221,65 @@ class Cell:
         return JobRow(job_id=job_id, label=job.label, owner=owner, tags=list(job.tags),
                       priority=job.priority, state=JobState.QUEUED, spec=job.spec,
                       spec_hash=job.spec_hash, created_at=now, updated_at=now, steps=steps)
+
+    # -- the session plane
+    def run_session(self, runner_name: str, params: dict[str, Any] | None = None, *,
+                    timeout_s: float | None = None) -> dict[str, Any]:
+        """Run a session-plane runner inline (not queued) and return its value and logs.
+
+        Session work is short and synchronous: it gets no job id and leaves nothing in the
+        cell's state; its attempt directory under ``staging/`` is removed afterwards. It
+        runs through the same wrapper as artifact steps, never through a shell.
+        """
+        runner = self.runner(runner_name)
+        if runner.plane != "session":
+            raise SpecError(f"runner {runner_name!r} is an artifact-plane runner; submit it "
+                            "as a job instead of running it inline")
+        from jobcell.model.params import validate_params
+
+        try:
+            values = validate_params(runner.params, params or {}, f"runner {runner_name!r}")
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        root = Path(tempfile.mkdtemp(prefix="session-", dir=self.home.staging))
+        try:
+            return self._run_inline(runner, values, root / "attempt",
+                                    timeout_s or runner.resources.timeout_s)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _run_inline(self, runner: RunnerDefinition, params: dict[str, Any], attempt_dir: Path,
+                    timeout_s: float) -> dict[str, Any]:
+        from jobcell.executors.base import Launch
+        from jobcell.executors.embedded import install_wrapper, run_inline
+        from jobcell.model.advance import Verdict, decide_outcome
+        from jobcell.model.runner import runner_argv, runner_environment, runner_values
+
+        paths = artifacts.prepare_attempt(attempt_dir, params, {}, "flat",
+                                          step_input=runner.python is not None)
+        argv = runner_argv(runner, runner_values(runner, params, str(attempt_dir),
+                                                 str(paths.input_dir), str(paths.output_dir)))
+        env = runner_environment(runner, os.environ, {"JOBCELL_STEP_DIR": str(attempt_dir),
+                                                      "JOBCELL_ATTEMPT": "1"})
+        install_wrapper(self.home.wrapper_script)
+        code, timed_out = run_inline(self.home.wrapper_script,
+                                     Launch("session", attempt_dir, tuple(argv), env),
+                                     timeout_s, self.settings.kill_grace_s)
+        report = artifacts.read_error_report(attempt_dir)
+        stopped = (f"timed out after {timeout_s:g} s" if timed_out
+                   else "ended without recording an exit code" if code is None else None)
+        outcome = decide_outcome(
+            exit_code=code,
+            missing_outputs=artifacts.missing_outputs(paths.output_dir, runner.outputs),
+            kill_reason=stopped, cancel_requested=False, failures=0, retries=0,
+            interruptions=0, backoff_s=0,
+            error_message=f"{report.get('type')}: {report.get('message')}" if report else None)
+        succeeded = outcome.verdict == Verdict.SUCCEEDED
+        return {"runner": runner.name, "succeeded": succeeded, "exit_code": code,
+                "error": outcome.reason, "runner_hash": runner.definition_hash(),
+                "value": artifacts.read_value(paths.output_dir) if succeeded else None,
+                "stdout": artifacts.tail_lines(paths.stdout, 200),
+                "stderr": artifacts.tail_lines(paths.stderr, 200)}
 
     # -- observe
     def _job(self, job_id: str, owner: str | None = None, with_steps: bool = True) -> JobRow:

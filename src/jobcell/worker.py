@@ -34,11 +34,15 @@ import psutil
 from jobcell import artifacts
 from jobcell.errors import JobcellError, WorkerError
 from jobcell.executors.base import Executor, Launch, Phase, Status
-from jobcell.executors.embedded import EmbeddedExecutor
-from jobcell.executors.wrapper import wrapper_script
+from jobcell.executors.embedded import EmbeddedExecutor, install_wrapper
 from jobcell.home import CellHome, open_home
 from jobcell.model.advance import Outcome, Verdict, decide_outcome, plan_advance
-from jobcell.model.runner import RunnerDefinition, runner_argv
+from jobcell.model.runner import (
+    RunnerDefinition,
+    runner_argv,
+    runner_environment,
+    runner_values,
+)
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
 from jobcell.scheduler.admission import Lease, Request, admit
 from jobcell.scheduler.capacity import Capacity, detect_capacity
@@ -137,16 +141,7 @@ class Worker:
             holder = self.store.lock_info()
             raise WorkerAlreadyRunning(holder or info)
         self._last_heartbeat = now
-        self._write_wrapper()
-
-    def _write_wrapper(self) -> None:
-        text = wrapper_script()
-        path = self.home.wrapper_script
-        if not path.exists() or path.read_text() != text:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(text)
-            tmp.chmod(0o755)
-            os.replace(tmp, path)
+        install_wrapper(self.home.wrapper_script)
 
     def _heartbeat(self, now: float) -> bool:
         if now - self._last_heartbeat < self.settings.worker_heartbeat_ttl_s / 5:
@@ -531,11 +526,12 @@ class Worker:
             for up, attempt in self._upstream_attempts(step).items()}
         paths = artifacts.prepare_attempt(attempt_dir, step.params, upstream, step.input_layout,
                                           step_input=runner.python is not None)
-        values = {**step.params, "input_dir": str(paths.input_dir),
-                  "output_dir": str(paths.output_dir), "step_dir": str(attempt_dir),
-                  "runner_dir": runner.runner_dir or ""}
-        argv = runner_argv(runner, values)
-        return Launch(key, attempt_dir, tuple(argv), self._environment(step, runner, attempt_dir))
+        values = runner_values(runner, step.params, str(attempt_dir), str(paths.input_dir),
+                               str(paths.output_dir))
+        env = runner_environment(runner, os.environ, {
+            "JOBCELL_JOB_ID": step.job_id, "JOBCELL_STEP_ID": step.step_id,
+            "JOBCELL_ATTEMPT": str(step.attempt), "JOBCELL_STEP_DIR": str(attempt_dir)})
+        return Launch(key, attempt_dir, tuple(runner_argv(runner, values)), env)
 
     def _upstream_attempts(self, step: StepRow) -> dict[str, int]:
         if not step.inputs:
@@ -543,18 +539,6 @@ class Worker:
         job = self.store.get_job(step.job_id)
         attempts = {s.step_id: s.attempt for s in job.steps} if job else {}
         return {up: attempts[up] for up in step.inputs}
-
-    @staticmethod
-    def _environment(step: StepRow, runner: RunnerDefinition, attempt_dir: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCELL_")}
-        env.update(runner.env)
-        if runner.python_path:
-            existing = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = os.pathsep.join([*runner.python_path, *([existing] if existing
-                                                                        else [])])
-        env.update(JOBCELL_JOB_ID=step.job_id, JOBCELL_STEP_ID=step.step_id,
-                   JOBCELL_ATTEMPT=str(step.attempt), JOBCELL_STEP_DIR=str(attempt_dir))
-        return env
 
 
 def main(argv: list[str] | None = None) -> int:

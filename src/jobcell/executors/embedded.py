@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from jobcell.executors.base import Launch, Phase, Status
+from jobcell.executors.wrapper import wrapper_script
 
 LOCK_FILE = ".lock"
 
@@ -78,6 +79,46 @@ def process_group_of(attempt_dir: Path) -> int | None:
         except (psutil.Error, OSError):
             continue
     return None
+
+
+def install_wrapper(path: Path) -> None:
+    """Write the wrapper script to ``path`` unless it is already there and current."""
+    text = wrapper_script()
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+
+
+def run_inline(wrapper_path: Path, launch: Launch, timeout_s: float, grace_s: float,
+               shell: str = "/bin/bash") -> tuple[int | None, bool]:
+    """Run one attempt through the wrapper and wait for it (the session plane).
+
+    Past ``timeout_s`` the attempt's process group gets TERM, then KILL after ``grace_s``.
+    Answers the recorded exit code (None when none was written) and whether it timed out.
+    """
+    timed_out = False
+    process = subprocess.Popen(
+        [shell, str(wrapper_path), str(launch.attempt_dir), *launch.argv],
+        cwd=launch.attempt_dir, env=launch.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # nothing of the attempt may outlive the call
+    return read_exit_code(launch.attempt_dir), timed_out
 
 
 class EmbeddedExecutor:

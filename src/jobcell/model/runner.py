@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jobcell.model.canonical import hash_value
 from jobcell.model.params import ParamSpec
@@ -60,8 +69,8 @@ class RunnerDefinition(BaseModel):
     command: str | None = None
     python: str | None = None
     python_path: list[str] = Field(default_factory=list)
-    args_template: list[str] = Field(default_factory=list)
     params: dict[str, ParamSpec] = Field(default_factory=dict)
+    args_template: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     concurrency_group: str | None = None
@@ -108,14 +117,18 @@ class RunnerDefinition(BaseModel):
                 raise ValueError(f"python {self.python!r} must look like 'package.module:function'")
             if self.args_template:
                 raise ValueError("'args_template' is not used with 'python' runners")
-        allowed = BUILTIN_PLACEHOLDERS | set(self.params)
-        for item in self.args_template:
+        return self
+
+    @field_validator("args_template")
+    @classmethod
+    def _template(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        allowed = BUILTIN_PLACEHOLDERS | set(info.data.get("params") or {})
+        for item in value:
             unknown = placeholders(item) - allowed
             if unknown:
-                raise ValueError(
-                    f"args_template item {item!r} uses unknown placeholder {{{sorted(unknown)[0]}}}"
-                )
-        return self
+                raise ValueError(f"item {item!r} uses unknown placeholder "
+                                 f"{{{sorted(unknown)[0]}}} (write {{{{ and }}}} for braces)")
+        return value
 
     @property
     def group(self) -> str:
@@ -141,3 +154,24 @@ def runner_argv(runner: RunnerDefinition, values: dict[str, Any]) -> list[str]:
                 str(values["step_dir"])]
     assert command is not None
     return [command, *render_args(runner.args_template, values)]
+
+
+def runner_values(runner: RunnerDefinition, params: dict[str, Any], step_dir: str,
+                  input_dir: str, output_dir: str) -> dict[str, Any]:
+    """The values the args template may use: params plus the built-in placeholders."""
+    return {**params, "input_dir": input_dir, "output_dir": output_dir, "step_dir": step_dir,
+            "runner_dir": runner.runner_dir or ""}
+
+
+def runner_environment(runner: RunnerDefinition, base: Mapping[str, str],
+                       extra: Mapping[str, str]) -> dict[str, str]:
+    """A step's environment: ``base`` without jobcell's own settings (the admin key among
+    them), then the runner's ``env``, its ``python_path``, and ``extra`` (step ids)."""
+    env = {k: v for k, v in base.items() if not k.startswith("JOBCELL_")}
+    env.update(runner.env)
+    if runner.python_path:
+        existing = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join([*runner.python_path, *([existing] if existing
+                                                                    else [])])
+    env.update(extra)
+    return env

@@ -20,7 +20,7 @@ trap 'on_signal TERM 130' INT
 trap 'on_signal HUP 129' HUP
 "$@" > stdout.log 2> stderr.log < /dev/null &
 child=$!
-printf '%s\n' "$child" > child.pid.tmp && mv -f child.pid.tmp child.pid
+printf '%s\n' "$child" > child.pid
 while :; do
   wait "$child"
   code=$?
