@@ -144,7 +144,13 @@ def assert_gone(pid: int) -> None:
 def test_child_pid_is_the_real_runner_process(wrapper: Path, attempt: Path) -> None:
     process, child = start_sleeping(wrapper, attempt)
     try:
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        # child.pid is written right after the fork; the exec of the runner may lag a little.
+        deadline = time.monotonic() + 5
+        while True:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if cmdline[:2] == [b"sleep", b"30"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert cmdline[:2] == [b"sleep", b"30"]
         assert os.getpgid(child) == process.pid, "the runner is in the wrapper's group"
         assert os.getsid(process.pid) == process.pid, "the wrapper leads its own session"
