@@ -151,21 +151,33 @@ def read_error_report(attempt_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def tail_lines(path: Path, count: int) -> list[str]:
-    """The last ``count`` lines of a text file, read from the end."""
+TAIL_MAX_BYTES = 4 << 20
+_LINE_MAX = 4096
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = TAIL_MAX_BYTES) -> list[str]:
+    """The last ``count`` lines of a text file, read from the end.
+
+    Reads at most ``max_bytes`` (linear in what it reads), and cuts each line to
+    4,096 characters, so a huge log or one without newlines cannot stall the caller.
+    """
     if count <= 0:
         return []
+    chunks: list[bytes] = []
+    newlines = 0
     try:
         with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            position = handle.tell()
-            data = b""
-            while position > 0 and data.count(b"\n") <= count:
-                step = min(_CHUNK // 16, position)
+            position = handle.seek(0, os.SEEK_END)
+            floor = max(position - max_bytes, 0)
+            while position > floor and newlines <= count:
+                step = min(64 * 1024, position - floor)
                 position -= step
                 handle.seek(position)
-                data = handle.read(step) + data
-    except FileNotFoundError:
+                chunk = handle.read(step)
+                newlines += chunk.count(b"\n")
+                chunks.append(chunk)
+    except (FileNotFoundError, IsADirectoryError):
         return []
+    data = b"".join(reversed(chunks))
     lines = data.decode("utf-8", errors="replace").splitlines()
-    return lines[-count:]
+    return [line[-_LINE_MAX:] for line in lines[-count:]]

@@ -52,6 +52,7 @@ from jobcell.store import (
     Changes,
     ConflictError,
     LockInfo,
+    LockLostError,
     NewEvent,
     OutputRow,
     StepRow,
@@ -149,6 +150,10 @@ class Worker:
         self._last_heartbeat = now
         return self.store.heartbeat(self.token, now)
 
+    def _commit(self, changes: Changes) -> None:
+        """Every write of the worker is fenced by its lock token."""
+        self.store.apply(changes, fence=self.token)
+
     def release(self) -> None:
         """Give up the scheduler lock (running attempts go on and are re-adopted later)."""
         self.store.release_lock(self.token)
@@ -166,6 +171,17 @@ class Worker:
             attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
             self.executor.adopt(key, attempt_dir, step.pid)
         self._touched.update(self.store.job_ids_in_states(ACTIVE_JOB_STATES))
+
+    def _resync(self) -> None:
+        """Forget what this worker believed and rebuild it from the store."""
+        self._running.clear()
+        self._kills.clear()
+        self._touched.clear()
+        self._cancelling.clear()
+        if isinstance(self.executor, EmbeddedExecutor):
+            # A fresh one: the old one tracked attempts by what this worker believed.
+            self.executor = EmbeddedExecutor(self.home.wrapper_script)
+        self.recover()
 
     def run(self, until_idle: bool = False) -> None:
         """Serve the cell until stopped, idle for ``worker_idle_exit_s``, or (``until_idle``)
@@ -185,11 +201,14 @@ class Worker:
                 return
             try:
                 did = self.run_once()
-            except ConflictError:
-                if self.store.heartbeat(self.token, self.clock()):
-                    raise
+            except LockLostError:
                 print("another worker took over the scheduler lock; stopping", file=sys.stderr)
                 return
+            except ConflictError as exc:
+                print(f"the cell's state changed under this worker ({exc}); re-reading it",
+                      file=sys.stderr)
+                self._resync()
+                continue
             if self._should_exit(did, until_idle):
                 if self._leave_if_still_idle():
                     return
@@ -254,7 +273,7 @@ class Worker:
             ended.append(key)
         if not ended:
             return False
-        self.store.apply(changes)
+        self._commit(changes)
         _fault("after_completion_commit")
         for key in ended:
             self.executor.forget(key)
@@ -350,7 +369,7 @@ class Worker:
         for job_id in sorted(touched):
             self._plan_job(changes, job_id, now)
         if changes:
-            self.store.apply(changes)
+            self._commit(changes)
         return bool(changes)
 
     def _plan_job(self, changes: Changes, job_id: str, now: float) -> None:
@@ -477,7 +496,7 @@ class Worker:
             changes.events.append(NewEvent(step.job_id, "step_failed", now, step.step_id,
                                            {"reason": reason, "final": True}))
             self._touched.add(step.job_id)
-        self.store.apply(changes)
+        self._commit(changes)
 
     def _start(self, steps: list[StepRow], now: float) -> None:
         changes = Changes()
@@ -493,7 +512,7 @@ class Worker:
                                                "running", now, memory_mb=step.memory_mb))
             changes.events.append(NewEvent(step.job_id, "step_started", now, step.step_id,
                                            {"attempt": step.attempt}))
-        self.store.apply(changes)  # committed as running before anything is spawned
+        self._commit(changes)  # committed as running before anything is spawned
         _fault("after_start_commit")
         pids = Changes()
         for step in running:
@@ -506,7 +525,7 @@ class Worker:
                 pids.steps.append(StepUpdate(step.job_id, step.step_id, {"pid": pid}))
         _fault("after_spawn")
         if pids:
-            self.store.apply(pids)
+            self._commit(pids)
 
     def _spawn(self, step: StepRow, key: str) -> int | None:
         """Prepare the attempt directory and start it; on failure track it as interrupted."""

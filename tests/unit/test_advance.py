@@ -245,3 +245,18 @@ def test_driving_a_diamond_to_completion() -> None:
                 finished_order.append(step.step_id)
     assert plan.job_state == JobState.SUCCEEDED
     assert finished_order == ["top", "left", "right", "join"]
+
+
+def test_finished_work_wins_over_a_racing_cancel() -> None:
+    """Exit 0 with every declared output is a success even when a cancel arrived meanwhile;
+    a cancel still stops a failed or unfinished attempt."""
+    from jobcell.model.advance import Verdict, decide_outcome
+
+    common = {"missing_outputs": [], "kill_reason": None, "failures": 0, "retries": 2,
+              "interruptions": 0, "backoff_s": 1.0}
+    assert decide_outcome(exit_code=0, cancel_requested=True, **common).verdict == \
+        Verdict.SUCCEEDED
+    assert decide_outcome(exit_code=1, cancel_requested=True, **common).verdict == \
+        Verdict.CANCELLED
+    assert decide_outcome(exit_code=None, cancel_requested=True, **common).verdict == \
+        Verdict.CANCELLED

@@ -51,14 +51,15 @@ def decide_outcome(*, exit_code: int | None, missing_outputs: Sequence[str],
     attempts; ``interruptions`` counts earlier interrupted ones. A step is only
     a success with exit code 0 and every declared output present.
     """
+    if exit_code == 0 and not missing_outputs and kill_reason is None:
+        # Finished work is kept, even when a cancel arrived while it was ending.
+        return Outcome(Verdict.SUCCEEDED)
     if cancel_requested:
         return Outcome(Verdict.CANCELLED, "cancelled")
     if exit_code is None and kill_reason is None:
         if interruptions + 1 > MAX_INTERRUPTIONS:
             return Outcome(Verdict.FAILED, f"interrupted {interruptions + 1} times")
         return Outcome(Verdict.REQUEUE, "interrupted: no exit_code and no live process")
-    if exit_code == 0 and not missing_outputs and kill_reason is None:
-        return Outcome(Verdict.SUCCEEDED)
     reason = _failure_reason(exit_code, missing_outputs, kill_reason, error_message)
     if failures < retries:
         return Outcome(Verdict.RETRY, reason, retry_delay(backoff_s, failures + 1))

@@ -89,6 +89,8 @@ def check_job_transition(current: JobState, new: JobState) -> None:
 
 def job_state_from_steps(states: list[StepState], cancel_requested: bool = False) -> JobState:
     """The job state implied by its steps' states."""
+    if states and all(s in DONE_STEP_STATES for s in states):
+        return JobState.SUCCEEDED  # all the work was done before a cancel could stop it
     if cancel_requested and all(s in TERMINAL_STEP_STATES for s in states):
         return JobState.CANCELLED
     if any(s == StepState.FAILED for s in states) and all(

@@ -7,6 +7,7 @@ from jobcell.store.base import (
     EventRow,
     JobRow,
     LockInfo,
+    LockLostError,
     NewEvent,
     OutputRow,
     StepRow,
@@ -14,4 +15,4 @@ from jobcell.store.base import (
 )
 
 __all__ = ["AttemptRow", "Changes", "ConflictError", "EventRow", "JobRow", "LockInfo",
-           "NewEvent", "OutputRow", "StepRow", "Store"]
+           "LockLostError", "NewEvent", "OutputRow", "StepRow", "Store"]

@@ -17,6 +17,10 @@ class ConflictError(RuntimeError):
     """An update expected a state that the row no longer has; nothing was written."""
 
 
+class LockLostError(ConflictError):
+    """A fenced write was refused: the writer no longer holds the scheduler lock."""
+
+
 @dataclass
 class StepRow:
     """One durable step."""
@@ -191,7 +195,11 @@ class Store(Protocol):
                     exclude_runners: Collection[str] = ()) -> list[StepRow]: ...
     def jobs_with_cancel_requested(self) -> list[str]: ...
     def queue_depth(self) -> list[tuple[str, str, int]]: ...
-    def apply(self, changes: Changes) -> None: ...
+    def apply(self, changes: Changes, fence: str | None = None) -> None:
+        """Apply ``changes`` in one transaction. With ``fence`` (a lock token) the
+        transaction commits only while that token holds the scheduler lock, so a
+        worker that was replaced while it stalled can never write again."""
+        ...
 
     # -- the scheduler lock
     def lock_info(self) -> LockInfo | None: ...

@@ -19,6 +19,7 @@ from jobcell.store.base import (
     EventRow,
     JobRow,
     LockInfo,
+    LockLostError,
     NewEvent,
     OutputRow,
     StepRow,
@@ -301,8 +302,13 @@ class SQLiteStore:
             "GROUP BY runner, owner ORDER BY runner, owner")
         return [(r[0], r[1], int(r[2])) for r in rows]
 
-    def apply(self, changes: Changes) -> None:
+    def apply(self, changes: Changes, fence: str | None = None) -> None:
         with self._tx() as conn:
+            if fence is not None:
+                row = conn.execute("SELECT token FROM scheduler_lock WHERE name = ?",
+                                   (_LOCK_NAME,)).fetchone()
+                if row is None or row[0] != fence:
+                    raise LockLostError("this worker no longer holds the scheduler lock")
             for update in changes.steps:
                 self._update(conn, "steps", "job_id = ? AND step_id = ?",
                              (update.job_id, update.step_id), update.fields, _STEP_FIELDS,
