@@ -15,6 +15,7 @@ import blake3
 from jobcell.model.canonical import canonical_json
 
 VALUE_FILE = "output.json"
+STAGED_FILE = ".staged.json"  # identity of each staged input, to detect in-place changes
 _CHUNK = 1 << 20
 
 
@@ -60,7 +61,12 @@ def file_blake3(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _link_tree(source: Path, target: Path) -> list[dict[str, Any]]:
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _link_tree(source: Path, target: Path, staged: dict[str, list[int]]) -> list[dict[str, Any]]:
     """Mirror ``source`` into ``target`` with hardlinks (symlinks as a fallback)."""
     files: list[dict[str, Any]] = []
     target.mkdir(parents=True, exist_ok=True)
@@ -73,17 +79,19 @@ def _link_tree(source: Path, target: Path) -> list[dict[str, Any]]:
         for name in filenames:
             src, dst = Path(dirpath) / name, target / rel_dir / name
             if src.is_symlink():
-                os.symlink(os.readlink(src), dst)
-            else:
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    os.symlink(src, dst)
+                continue  # never registered as an output (see symlinked_outputs)
+            try:
+                os.link(src, dst)
+            except OSError:
+                os.symlink(src, dst)
             files.append({"path": str(rel_dir / name), "size": src.lstat().st_size})
+            staged[str(dst)] = _identity(src)
     return files
 
 
 def _read_value(output_dir: Path) -> Any:
+    if (output_dir / VALUE_FILE).is_symlink():
+        return None  # a link could point at any file on the server
     try:
         return json.loads((output_dir / VALUE_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
@@ -104,12 +112,14 @@ def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str
     root.mkdir(parents=True, exist_ok=False)
     paths.output_dir.mkdir()
     manifest: dict[str, Any] = {}
+    staged: dict[str, list[int]] = {}
     for node_id, source in upstream.items():
         target = paths.input_dir if layout == "flat" else paths.input_dir / node_id
-        files = _link_tree(source, target)
+        files = _link_tree(source, target, staged)
         manifest[node_id] = {"dir": str(target), "files": files, "value": _read_value(source)}
     paths.input_dir.mkdir(exist_ok=True)
     (root / "inputs.json").write_text(canonical_json({"inputs": manifest}), encoding="utf-8")
+    (root / STAGED_FILE).write_text(canonical_json(staged), encoding="utf-8")
     if step_input:
         data = {"params": dict(params), "input_dir": str(paths.input_dir),
                 "output_dir": str(paths.output_dir), "inputs": manifest}
@@ -117,9 +127,42 @@ def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str
     return paths
 
 
+def modified_inputs(attempt_dir: Path) -> list[str]:
+    """Staged inputs the attempt changed in place.
+
+    Inputs are hard links to upstream outputs, so writing into one would silently change
+    the upstream step's registered output; a replaced or deleted input changes nothing.
+    """
+    try:
+        staged = json.loads((attempt_dir / STAGED_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return []
+    changed = []
+    for path, (inode, size, mtime_ns) in staged.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_ino == inode and (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            changed.append(str(Path(path).relative_to(attempt_dir / "input")))
+    return sorted(changed)
+
+
 def missing_outputs(output_dir: Path, declared: list[str]) -> list[str]:
     """Declared outputs that the attempt did not produce."""
-    return [name for name in declared if not (output_dir / name).exists()]
+    return [name for name in declared if not os.path.lexists(output_dir / name)]
+
+
+def symlinked_outputs(output_dir: Path) -> list[str]:
+    """Symlinks under ``output_dir``: outputs must be regular files, so that nothing
+    outside the step (a server file, another job's data) can pass as one."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(output_dir):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                found.append(str(path.relative_to(output_dir)))
+    return sorted(found)
 
 
 def register_outputs(output_dir: Path) -> list[OutputFile]:

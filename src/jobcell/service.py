@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import os
 import secrets
@@ -10,7 +12,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -142,6 +144,25 @@ class Cell:
         runners = self.runners()
         now = time.time()
         compiled = [self._compile(spec, runners, label, tags, i) for i, spec in enumerate(specs)]
+        # Dedup, quotas and the insert form one decision: submitters take turns, so two of
+        # them cannot both create "the" job for one spec_hash or both fit the last quota slot.
+        with self._submit_lock():
+            results, rows, events = self._new_rows(compiled, owner, now)
+            self._check_quotas(owner, len(rows))
+            if rows:
+                self.store.insert_jobs(rows, events)
+        if rows and self.auto_worker:
+            self.ensure_worker()
+        return results
+
+    @contextlib.contextmanager
+    def _submit_lock(self) -> Iterator[None]:
+        with (self.home.locks / "submit.lock").open("w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            yield
+
+    def _new_rows(self, compiled: list[CompiledJob], owner: str, now: float
+                  ) -> tuple[list[SubmitResult], list[JobRow], list[NewEvent]]:
         results: list[SubmitResult] = []
         rows: list[JobRow] = []
         events: list[NewEvent] = []
@@ -158,21 +179,20 @@ class Cell:
             events.append(NewEvent(row.job_id, "submitted", now, None,
                                    {"owner": owner, "steps": len(row.steps)}))
             results.append(SubmitResult(row.job_id, False))
-        self._check_quotas(owner, len(rows))
-        if rows:
-            self.store.insert_jobs(rows, events)
-            if self.auto_worker:
-                self.ensure_worker()
-        return results
+        return results, rows, events
 
     def _compile(self, spec: Any, runners: dict[str, RunnerDefinition], label: str | None,
                  tags: Sequence[str], position: int) -> CompiledJob:
         from jobcell.model.spec import compile_spec
         from jobcell.scheduler.admission import never_fits_reason
 
-        if isinstance(spec, dict) and (label or tags):
-            spec = {**spec, **({"label": label} if label else {}),
-                    "tags": [*spec.get("tags", []), *tags]}
+        if isinstance(spec, dict) and (label is not None or tags):
+            spec = dict(spec)
+            if label is not None:
+                spec["label"] = label
+            existing = spec.get("tags")
+            if tags and (existing is None or isinstance(existing, list)):
+                spec["tags"] = [*(existing or []), *tags]
         try:
             job = compile_spec(spec, runners)
         except SpecError as exc:
@@ -271,6 +291,7 @@ class Cell:
         outcome = decide_outcome(
             exit_code=code,
             missing_outputs=artifacts.missing_outputs(paths.output_dir, runner.outputs),
+            symlinked_outputs=artifacts.symlinked_outputs(paths.output_dir),
             kill_reason=stopped, cancel_requested=False, failures=0, retries=0,
             interruptions=0, backoff_s=0,
             error_message=f"{report.get('type')}: {report.get('message')}" if report else None)

@@ -295,11 +295,18 @@ class Worker:
                kill: _Kill | None) -> tuple[Outcome, list[artifacts.OutputFile]]:
         runner = self._runner(step)
         missing = artifacts.missing_outputs(paths.output_dir, runner.outputs) if code == 0 else []
+        links = artifacts.symlinked_outputs(paths.output_dir) if code == 0 else []
         stopping = step.job_id in self._cancelling or (kill is not None and kill.stop)
+        reason = kill.reason if kill is not None and not kill.stop else None
+        tampered = artifacts.modified_inputs(paths.root)
+        if tampered:
+            reason = ("changed its staged input(s) in place (inputs are read-only): "
+                      + ", ".join(tampered))
         outcome = decide_outcome(
-            exit_code=code, missing_outputs=missing,
-            kill_reason=kill.reason if kill is not None and not kill.stop else None,
-            cancel_requested=stopping, failures=step.failures, retries=step.retries,
+            exit_code=code, missing_outputs=missing, symlinked_outputs=links,
+            kill_reason=reason,
+            cancel_requested=stopping, retries=step.retries,
+            failures=step.retries if tampered else step.failures,  # a retry would not help
             interruptions=step.attempt - 1 - step.failures,
             backoff_s=self.settings.retry_backoff_s, error_message=self._error_text(paths))
         if outcome.verdict != Verdict.SUCCEEDED:
@@ -528,14 +535,20 @@ class Worker:
             self._commit(pids)
 
     def _spawn(self, step: StepRow, key: str) -> int | None:
-        """Prepare the attempt directory and start it; on failure track it as interrupted."""
+        """Prepare the attempt directory and start it.
+
+        When that fails, the attempt is tracked with no process (it ends at the next poll)
+        and the reason is kept: it fails like any attempt (retries apply) with that reason.
+        """
         attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
         try:
             launch = self._launch(step, key, attempt_dir)
             return self.executor.submit([launch])[key]
         except (OSError, ValueError, JobcellError) as exc:
             print(f"cannot start {key} attempt {step.attempt}: {exc}", file=sys.stderr)
-            self.executor.adopt(key, attempt_dir, None)  # no lock, no exit_code: interrupted
+            self._kills[key] = _Kill(f"could not start: {exc}", float("inf"), stop=False,
+                                     forced=True)
+            self.executor.adopt(key, attempt_dir, None)
             return None
 
     def _launch(self, step: StepRow, key: str, attempt_dir: Path) -> Launch:

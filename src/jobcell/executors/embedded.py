@@ -32,6 +32,7 @@ class _Tracked:
     pid: int | None
     process: subprocess.Popen[bytes] | None = None
     pidfd: int | None = None
+    interrupted: bool = False
 
 
 def read_exit_code(attempt_dir: Path) -> int | None:
@@ -79,6 +80,25 @@ def process_group_of(attempt_dir: Path) -> int | None:
         except (psutil.Error, OSError):
             continue
     return None
+
+
+def kill_strays(attempt_dir: Path) -> int:
+    """SIGKILL every process that carries this attempt's ``JOBCELL_STEP_DIR``.
+
+    The marker is in the environment each attempt's processes inherit, so it finds them
+    whatever they did with their descriptors, session or process group. Returns how many.
+    """
+    target = str(attempt_dir)
+    killed = 0
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and \
+                    process.environ().get("JOBCELL_STEP_DIR") == target:
+                process.kill()
+                killed += 1
+        except (psutil.Error, OSError):
+            continue
+    return killed
 
 
 def install_wrapper(path: Path) -> None:
@@ -180,6 +200,7 @@ class EmbeddedExecutor:
         code = read_exit_code(item.attempt_dir)  # written between the first read and the lock
         if code is not None:
             return Status(Phase.EXITED, code)
+        item.interrupted = True
         return Status(Phase.INTERRUPTED)
 
     def terminate(self, key: str, force: bool = False) -> None:
@@ -206,6 +227,11 @@ class EmbeddedExecutor:
             # The attempt has ended (its end was recorded) but processes it started linger
             # in its process group; they would go on outside any lease, so they are killed.
             self._signal_group(item, signal.SIGKILL)
+        if item.interrupted:
+            # Its wrapper died without an exit_code and nothing holds the lock, but a runner
+            # that closed the inherited descriptor may still run; it must not run beside
+            # the next attempt.
+            kill_strays(item.attempt_dir)
         if item.pidfd is not None:
             os.close(item.pidfd)
         if item.process is not None and item.process.poll() is None:

@@ -52,9 +52,9 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    memory_mb: int = Field(default=256, ge=0)
-    cpu_slots: int = Field(default=1, ge=0)
-    timeout_s: float = Field(default=3600, gt=0)
+    memory_mb: int = Field(default=256, ge=0, le=2**40)
+    cpu_slots: int = Field(default=1, ge=0, le=1_000_000)
+    timeout_s: float = Field(default=3600, gt=0, le=366 * 86400, allow_inf_nan=False)
 
 
 class RunnerDefinition(BaseModel):
@@ -92,6 +92,15 @@ class RunnerDefinition(BaseModel):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value, "runner name")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not key or "=" in key or "\x00" in key or "\x00" in text:
+                raise ValueError(f"variable {key!r}: names must be non-empty without '=' and "
+                                 "neither names nor values may contain a NUL character")
+        return value
 
     @field_validator("outputs")
     @classmethod

@@ -44,7 +44,7 @@ class JobSpec(BaseModel):
 
     label: str
     tags: list[str] = Field(default_factory=list)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-1_000_000_000, le=1_000_000_000)
     cache: bool = True
     steps: list[NodeSpec] | None = None
     pipeline: list[NodeSpec] | None = None
