@@ -101,6 +101,7 @@ class RunnerRegistry:
         return self._runners
 
     def get(self, name: str) -> RunnerDefinition | None:
+        """The runner called ``name``, or None."""
         return self.runners().get(name)
 
     def _files(self) -> Iterable[Path]:

@@ -68,6 +68,7 @@ class SubmitResult:
     deduplicated: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``{"job_id", "deduplicated"}``."""
         return {"job_id": self.job_id, "deduplicated": self.deduplicated}
 
 
@@ -83,6 +84,7 @@ class Cell:
         self._capacity: Capacity | None = None
 
     def close(self) -> None:
+        """Close this process's connection to the state database."""
         self.store.close()
 
     def __enter__(self) -> Cell:
@@ -101,6 +103,7 @@ class Cell:
 
     @property
     def capacity(self) -> Capacity:
+        """The CPU slots and memory this cell leases out (measured once per Cell)."""
         if self._capacity is None:
             from jobcell.scheduler.capacity import detect_capacity
 
@@ -114,6 +117,7 @@ class Cell:
         return self.registry.runners()
 
     def runner(self, name: str) -> RunnerDefinition:
+        """One registered runner, or :class:`NotFoundError`."""
         runner = self.registry.get(name)
         if runner is None:
             raise NotFoundError(f"no runner named {name!r} is registered in {self.home.root}")
@@ -415,9 +419,11 @@ class Cell:
         return self.store.job_ids_by_tag(tag_pattern, wanted)
 
     def query_failed_jobs(self, tag_pattern: str) -> list[str]:
+        """Ids of failed jobs with a tag matching the glob ``tag_pattern``."""
         return self.store.job_ids_by_tag(tag_pattern, [JobState.FAILED])
 
     def count_active_jobs(self, tag_pattern: str | None = None) -> int:
+        """How many queued or running jobs (with a tag matching ``tag_pattern``) there are."""
         return self.store.count_jobs(states=ACTIVE_JOB_STATES, tag_pattern=tag_pattern)
 
     # -- cell
@@ -454,6 +460,7 @@ class Cell:
             "worker": self.worker_status()}
 
     def worker_status(self) -> dict[str, Any]:
+        """``alive``, ``pid``, ``hostname``, ``heartbeat_age_s``, ``started_at``."""
         status = _daemon().worker_status(self.store, self.settings.worker_heartbeat_ttl_s)
         status["started_at"] = iso(status["started_at"])
         return status
@@ -464,6 +471,7 @@ class Cell:
         return self.worker_status()
 
     def stop_worker(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Stop the live worker with signals and clear its lock (running steps go on)."""
         return _daemon().stop_worker(self.store, self.settings.worker_heartbeat_ttl_s, timeout_s)
 
 
