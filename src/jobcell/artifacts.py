@@ -79,7 +79,7 @@ def _link_tree(source: Path, target: Path, staged: dict[str, list[int]]) -> list
         for name in filenames:
             src, dst = Path(dirpath) / name, target / rel_dir / name
             if src.is_symlink():
-                continue  # never registered as an output (see symlinked_outputs)
+                continue  # never registered as an output (see linked_outputs)
             try:
                 os.link(src, dst)
             except OSError:
@@ -94,7 +94,7 @@ def _read_value(output_dir: Path) -> Any:
         return None  # a link could point at any file on the server
     try:
         return json.loads((output_dir / VALUE_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
 
 
@@ -135,7 +135,7 @@ def modified_inputs(attempt_dir: Path) -> list[str]:
     """
     try:
         staged = json.loads((attempt_dir / STAGED_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return []
     changed = []
     for path, (inode, size, mtime_ns) in staged.items():
@@ -153,14 +153,18 @@ def missing_outputs(output_dir: Path, declared: list[str]) -> list[str]:
     return [name for name in declared if not os.path.lexists(output_dir / name)]
 
 
-def symlinked_outputs(output_dir: Path) -> list[str]:
-    """Symlinks under ``output_dir``: outputs must be regular files, so that nothing
-    outside the step (a server file, another job's data) can pass as one."""
+def linked_outputs(output_dir: Path) -> list[str]:
+    """Links under ``output_dir``: symlinks, and files with more than one hard link.
+
+    Outputs must be files the step wrote itself, so that nothing outside the step (a
+    server file, another job's data) can pass as one, and registering an output never
+    changes a file elsewhere.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(output_dir):
         for name in [*dirnames, *filenames]:
             path = Path(dirpath) / name
-            if path.is_symlink():
+            if path.is_symlink() or (name in filenames and path.stat().st_nlink > 1):
                 found.append(str(path.relative_to(output_dir)))
     return sorted(found)
 
@@ -189,7 +193,7 @@ def read_error_report(attempt_dir: Path) -> dict[str, Any] | None:
     """The error report a Python runner wrote, or None."""
     try:
         data = json.loads((attempt_dir / "error.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -219,7 +223,7 @@ def tail_lines(path: Path, count: int, max_bytes: int = TAIL_MAX_BYTES) -> list[
                 chunk = handle.read(step)
                 newlines += chunk.count(b"\n")
                 chunks.append(chunk)
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:
         return []
     data = b"".join(reversed(chunks))
     lines = data.decode("utf-8", errors="replace").splitlines()

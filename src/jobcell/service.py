@@ -195,7 +195,7 @@ class Cell:
             if label is not None:
                 spec["label"] = label
             existing = spec.get("tags")
-            if tags and (existing is None or isinstance(existing, list)):
+            if tags and (existing is None or isinstance(existing, (list, tuple))):
                 spec["tags"] = [*(existing or []), *tags]
         try:
             job = compile_spec(spec, runners)
@@ -295,7 +295,7 @@ class Cell:
         outcome = decide_outcome(
             exit_code=code,
             missing_outputs=artifacts.missing_outputs(paths.output_dir, runner.outputs),
-            symlinked_outputs=artifacts.symlinked_outputs(paths.output_dir),
+            linked_outputs=artifacts.linked_outputs(paths.output_dir),
             kill_reason=stopped, cancel_requested=False, failures=0, retries=0,
             interruptions=0, backoff_s=0,
             error_message=f"{report.get('type')}: {report.get('message')}" if report else None)

@@ -180,6 +180,7 @@ class Worker:
         self._cancelling.clear()
         if isinstance(self.executor, EmbeddedExecutor):
             # A fresh one: the old one tracked attempts by what this worker believed.
+            self.executor.close()
             self.executor = EmbeddedExecutor(self.home.wrapper_script)
         self.recover()
 
@@ -295,7 +296,7 @@ class Worker:
                kill: _Kill | None) -> tuple[Outcome, list[artifacts.OutputFile]]:
         runner = self._runner(step)
         missing = artifacts.missing_outputs(paths.output_dir, runner.outputs) if code == 0 else []
-        links = artifacts.symlinked_outputs(paths.output_dir) if code == 0 else []
+        links = artifacts.linked_outputs(paths.output_dir) if code == 0 else []
         stopping = step.job_id in self._cancelling or (kill is not None and kill.stop)
         reason = kill.reason if kill is not None and not kill.stop else None
         tampered = artifacts.modified_inputs(paths.root)
@@ -303,7 +304,7 @@ class Worker:
             reason = ("changed its staged input(s) in place (inputs are read-only): "
                       + ", ".join(tampered))
         outcome = decide_outcome(
-            exit_code=code, missing_outputs=missing, symlinked_outputs=links,
+            exit_code=code, missing_outputs=missing, linked_outputs=links,
             kill_reason=reason,
             cancel_requested=stopping, retries=step.retries,
             failures=step.retries if tampered else step.failures,  # a retry would not help

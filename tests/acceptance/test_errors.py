@@ -34,6 +34,12 @@ BAD_SPECS = {
     "escaping-id": ("label: x\npipeline:\n  - {id: ../evil, runner: writer}\n", ["../evil"]),
     "not-a-mapping": ("- just\n- a list\n", []),
     "invalid-json": ('{"label": "x", "steps": [}', ["not valid JSON", "line 1"]),
+    "huge-priority": ("label: x\npriority: 100000000000000000000000\nsteps:\n"
+                      "  - runner: writer\n", ["priority"]),
+    "huge-negative-priority": ("label: x\npriority: -100000000000000000000000\nsteps:\n"
+                               "  - runner: writer\n", ["priority"]),
+    "huge-float-priority-json": ('{"label": "x", "priority": 1e23, '
+                                 '"steps": [{"runner": "writer"}]}', ["priority"]),
 }
 
 
@@ -47,7 +53,7 @@ def refused(shared_cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     folder = tmp_path_factory.mktemp("bad-specs")
     calls: dict[str, list[str]] = {}
     for case, (text, _) in BAD_SPECS.items():
-        suffix = ".json" if case == "invalid-json" else ".yaml"
+        suffix = ".json" if case.endswith("json") else ".yaml"
         calls[case] = ["submit", str(write_spec(folder, f"{case}{suffix}", text)), "--json"]
     for command in JOB_COMMANDS:
         calls[command] = [command, "0000000-nope", "--json"]
@@ -139,3 +145,82 @@ def test_runner_file_not_utf8(cli: Cli) -> None:
     listed = cli.json("runners", "list")
     assert "writer" in {r["name"] for r in listed["runners"]}
     assert str(broken) in listed["errors"]
+
+
+UNBOUNDED_RUNNERS = {
+    "infinite-timeout": ('resources: {timeout_s: .inf}\n', ["resources.timeout_s", "finite"]),
+    "nan-timeout": ('resources: {timeout_s: .nan}\n', ["resources.timeout_s", "finite"]),
+    "nul-in-env": ('env: {A: "x\\0y"}\n', ["env", "'A'", "NUL"]),
+    "equals-in-env-name": ('env: {"A=B": "x"}\n', ["env", "'A=B'", "'='"]),
+}
+
+
+def unbounded_runner(folder: Path, case: str) -> Path:
+    path = folder / f"{case}.yaml"
+    path.write_text(f"name: {case}\ncommand: \"true\"\n{UNBOUNDED_RUNNERS[case][0]}",
+                    encoding="utf-8")
+    return path
+
+
+def test_unbounded_or_unusable_runner_fields_are_refused(shared_cli: Cli,
+                                                         tmp_path: Path) -> None:
+    results = shared_cli.run_many({
+        case: ["runners", "validate", str(unbounded_runner(tmp_path, case))]
+        for case in UNBOUNDED_RUNNERS})
+    for case, (_text, needles) in UNBOUNDED_RUNNERS.items():
+        assert_clean_error(results[case], str(tmp_path / f"{case}.yaml"), *needles,
+                           exit_code=1)
+
+
+def test_runners_list_reports_an_unbounded_runner_file_and_goes_on(cli: Cli) -> None:
+    folder = cli.home / "runners"
+    broken = [unbounded_runner(folder, case) for case in ("infinite-timeout", "nul-in-env")]
+    listed = cli.json("runners", "list")
+    names = {r["name"] for r in listed["runners"]}
+    assert "writer" in names and not names & {"infinite-timeout", "nul-in-env"}
+    assert "timeout_s" in listed["errors"][str(broken[0])]
+    assert "NUL" in listed["errors"][str(broken[1])]
+    assert "writer" in cli.ok("runners", "list").stdout
+
+
+def test_submit_tag_option_adds_to_null_or_listed_tags(cli: Cli, tmp_path: Path) -> None:
+    null_tags = write_spec(tmp_path, "null-tags.yaml", """\
+        label: tagged
+        tags: null
+        steps:
+          - runner: writer
+            params: {text: one}
+        """)
+    listed_tags = write_spec(tmp_path, "listed-tags.yaml", """\
+        label: tagged
+        tags: [a]
+        steps:
+          - runner: writer
+            params: {text: two}
+        """)
+    first = cli.submit(null_tags, "--tag", "t")
+    second = cli.submit(listed_tags, "--tag", "t", "--tag", "u")
+    tags = {job["job_id"]: job["tags"] for job in cli.json("list")}
+    assert tags == {first: ["t"], second: ["a", "t", "u"]}
+
+
+def test_submit_tag_option_does_not_split_string_tags(cli: Cli, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "string-tags.yaml", """\
+        label: tagged
+        tags: "abc"
+        steps:
+          - runner: writer
+        """)
+    assert_clean_error(cli.run("submit", str(spec), "--tag", "t"), "tags")
+    assert_clean_error(cli.run("submit", str(spec)), "tags")
+    assert cli.json("list") == []
+
+
+def test_submit_empty_label_option_is_refused_not_ignored(cli: Cli, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "labelled.yaml", """\
+        label: from-the-file
+        steps:
+          - runner: writer
+        """)
+    assert_clean_error(cli.run("submit", str(spec), "--label", ""), "label")
+    assert cli.json("list") == []

@@ -89,6 +89,51 @@ def main(mode, *args):
             print(f"err {i}", file=sys.stderr)
     elif mode == "write":          # OUT NAME TEXT
         (pathlib.Path(args[0]) / args[1]).write_text(args[2])
+    elif mode == "gate-write":     # GATE OUT: wait until GATE exists, then write result.txt
+        while not os.path.exists(args[0]):
+            time.sleep(0.01)
+        (pathlib.Path(args[1]) / "result.txt").write_text("finished\n")
+    elif mode == "symlink":        # OUT NAME TARGET: make OUT/NAME a symlink to TARGET
+        os.symlink(args[2], pathlib.Path(args[0]) / args[1])
+    elif mode == "big-stderr":     # MEGABYTES: that much stderr without a single newline
+        chunk = "x" * (1 << 20)
+        for _ in range(int(args[0])):
+            sys.stderr.write(chunk)
+        sys.stderr.flush()
+    elif mode == "input":          # ACTION PATH OUT: append to / read / delete / replace PATH
+        action, path = args[0], pathlib.Path(args[1])
+        if action == "append":     # writable first, so that this works for any user
+            os.chmod(path, 0o644)
+            append(path, "written by the downstream step")
+        elif action == "read":
+            path.read_text()
+        elif action == "delete":
+            path.unlink()
+        elif action == "replace":  # a new file in its place: upstream's file is untouched
+            tmp = path.with_name(path.name + ".new")
+            tmp.write_text("replaced\n")
+            os.replace(tmp, path)
+        (pathlib.Path(args[2]) / "done.txt").write_text(action)
+    elif mode == "stray":          # STATE OUT: attempt 1 lets go of the attempt lock and
+        state = pathlib.Path(args[0])  # ticks forever; later attempts report what they saw
+        if attempt == 1:
+            os.closerange(3, 4096)     # drops the attempt's lock descriptor too
+            (state / "stray.pid").write_text(str(os.getpid()))
+            deadline = now() + 60
+            while now() < deadline:
+                append(state / "ticks", repr(now()))
+                time.sleep(0.01)
+            return
+        started = now()
+        stray = int((state / "stray.pid").read_text())
+        try:
+            with open(f"/proc/{stray}/stat") as handle:
+                alive = handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            alive = False
+        (state / f"attempt-{attempt}.json").write_text(
+            json.dumps({"started": started, "stray_alive": alive}))
+        (pathlib.Path(args[1]) / "result.txt").write_text(f"done {attempt}\n")
     else:
         sys.exit(f"unknown mode {mode}")
 

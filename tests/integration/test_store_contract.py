@@ -23,6 +23,7 @@ from jobcell.store import (
     ConflictError,
     JobRow,
     LockInfo,
+    LockLostError,
     NewEvent,
     OutputRow,
     StepRow,
@@ -513,6 +514,50 @@ def test_concurrent_lock_acquisition_has_one_winner(open_store: StoreFactory) ->
         t.join(30)
     assert len(won) == 1
     assert stores[0].lock_info().token == won[0]  # type: ignore[union-attr]
+
+
+def test_fenced_apply_commits_only_while_the_token_holds_the_lock(store: Store) -> None:
+    insert(store, make_job("j1"))
+    before_events = store.events("j1")
+
+    def claim() -> Changes:
+        return Changes(
+            steps=[StepUpdate("j1", "s0", {"state": StepState.RUNNING, "attempt": 1},
+                              StepState.QUEUED)],
+            jobs=[JobUpdate("j1", {"state": JobState.RUNNING}, JobState.QUEUED)],
+            attempts=[AttemptRow("j1", "s0", 1, "running", 10.0)],
+            events=[NewEvent("j1", "step_started", 10.0, "s0")],
+            outputs=[OutputRow("j1", "s0", "x", "/x", 1, "d")])
+
+    def assert_nothing_written() -> None:
+        job = store.get_job("j1")
+        assert job is not None and job.state == JobState.QUEUED
+        assert [(s.state, s.attempt) for s in job.steps] == [(StepState.QUEUED, 0)]
+        assert store.attempts("j1") == [] and store.outputs("j1") == []
+        assert store.events("j1") == before_events
+
+    with pytest.raises(LockLostError):                 # nobody holds the lock
+        store.apply(claim(), fence="A")
+    assert_nothing_written()
+    assert store.try_acquire_lock(lock("A"), now=100.0, ttl=10.0)
+    with pytest.raises(LockLostError):                 # another token holds it
+        store.apply(claim(), fence="B")
+    assert_nothing_written()
+    assert store.try_acquire_lock(lock("B"), now=101.0, ttl=10.0, steal_token="A")
+    with pytest.raises(ConflictError):                 # A was replaced: a lost lock is a conflict
+        store.apply(claim(), fence="A")
+    assert_nothing_written()
+
+    store.apply(claim(), fence="B")                    # the holder's fenced write commits
+    job = store.get_job("j1")
+    assert job is not None and job.state == JobState.RUNNING
+    assert [o.name for o in store.outputs("j1")] == ["x"]
+    store.release_lock("B")
+    with pytest.raises(LockLostError):                 # released: B cannot write either
+        store.apply(Changes(jobs=[JobUpdate("j1", {"error": "late"})]), fence="B")
+    assert store.get_job("j1").error is None  # type: ignore[union-attr]
+    store.apply(Changes(jobs=[JobUpdate("j1", {"error": "unfenced"})]))   # no fence: applies
+    assert store.get_job("j1").error == "unfenced"  # type: ignore[union-attr]
 
 
 # -- persistence --------------------------------------------------------------------------

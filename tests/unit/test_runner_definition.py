@@ -59,9 +59,26 @@ def test_numeric_version_becomes_text() -> None:
     ({"name": "x", "command": "true", "resources": {"memory_mb": -1}}, "memory_mb"),
     ({"name": "x", "command": "true", "resources": {"timeout_s": 0}}, "timeout_s"),
     ({"name": "x", "command": "true", "resources": {"gpus": 1}}, "gpus"),
+    ({"name": "x", "command": "true", "resources": {"timeout_s": float("inf")}}, "timeout_s"),
+    ({"name": "x", "command": "true", "resources": {"timeout_s": float("nan")}}, "timeout_s"),
+    ({"name": "x", "command": "true", "resources": {"timeout_s": 1e12}}, "timeout_s"),
+    ({"name": "x", "command": "true", "resources": {"memory_mb": 2**63}}, "memory_mb"),
+    ({"name": "x", "command": "true", "resources": {"cpu_slots": 10**12}}, "cpu_slots"),
+    ({"name": "x", "command": "true", "env": {"A": "x\x00y"}}, "NUL"),
+    ({"name": "x", "command": "true", "env": {"A\x00": "x"}}, "NUL"),
+    ({"name": "x", "command": "true", "env": {"A=B": "x"}}, "variable 'A=B'"),
+    ({"name": "x", "command": "true", "env": {"": "x"}}, "non-empty"),
 ])
 def test_invalid_definitions(data: dict[str, Any], problem: str) -> None:
     assert problem in rejected(data)
+
+
+def test_bounded_resources_and_plain_env_are_accepted() -> None:
+    runner = make_runner(resources={"timeout_s": 366 * 86400, "memory_mb": 2**40,
+                                    "cpu_slots": 1_000_000},
+                         env={"LC_ALL": "C.UTF-8", "EMPTY": "", "WITH_EQUALS": "a=b"})
+    assert runner.resources.timeout_s == 366 * 86400
+    assert runner.env["WITH_EQUALS"] == "a=b"
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "..", ".", "a b", "../x", "x\n", "naïve", "a:b"])

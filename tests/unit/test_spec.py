@@ -124,9 +124,19 @@ def test_canonical_spec_omits_unset_fields() -> None:
     ({"label": "x", "steps": [{"runner": "noop", "params": {"v": {1, 2}}}]},
      "not JSON-serialisable"),
     ({"label": "x", "priority": "high", "steps": [{"runner": "noop"}]}, "field 'priority'"),
+    ({"label": "x", "priority": 10**23, "steps": [{"runner": "noop"}]}, "field 'priority'"),
+    ({"label": "x", "priority": -(10**23), "steps": [{"runner": "noop"}]}, "field 'priority'"),
+    ({"label": "x", "priority": 1e23, "steps": [{"runner": "noop"}]}, "field 'priority'"),
+    ({"label": "x", "priority": 2**63, "steps": [{"runner": "noop"}]}, "field 'priority'"),
 ])
 def test_invalid_specs_are_rejected_with_a_clear_message(spec: Any, expected: str) -> None:
     assert expected in compile_error(spec)
+
+
+@pytest.mark.parametrize("priority", [1_000_000_000, -1_000_000_000, 0, 7])
+def test_priority_within_bounds_is_kept(priority: int) -> None:
+    assert compile_ok({"label": "x", "priority": priority,
+                       "steps": [{"runner": "noop"}]}).priority == priority
 
 
 def test_label_with_trailing_newline_is_stripped_not_rejected() -> None:

@@ -39,7 +39,7 @@ def read_exit_code(attempt_dir: Path) -> int | None:
     """The exit code the wrapper recorded, or None when there is none (yet)."""
     try:
         text = (attempt_dir / "exit_code").read_text().strip()
-    except FileNotFoundError:
+    except OSError:  # missing, or the attempt directory itself is gone or not a directory
         return None
     try:
         return int(text)
@@ -51,7 +51,7 @@ def lock_held(attempt_dir: Path) -> bool:
     """Whether some process of the attempt still holds its lock."""
     try:
         fd = os.open(attempt_dir / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -237,6 +237,13 @@ class EmbeddedExecutor:
         if item.process is not None and item.process.poll() is None:
             # Still alive (e.g. being killed): reap later without blocking.
             self._orphans.append(item.process)
+
+    def close(self) -> None:
+        """Release the descriptors this executor holds; the attempts themselves go on."""
+        for item in self._tracked.values():
+            if item.pidfd is not None:
+                os.close(item.pidfd)
+                item.pidfd = None
 
     def wait(self, timeout: float) -> None:
         self._orphans = [p for p in self._orphans if p.poll() is None]

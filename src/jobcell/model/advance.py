@@ -45,16 +45,16 @@ def decide_outcome(*, exit_code: int | None, missing_outputs: Sequence[str],
                    kill_reason: str | None, cancel_requested: bool, failures: int,
                    retries: int, interruptions: int, backoff_s: float,
                    error_message: str | None = None,
-                   symlinked_outputs: Sequence[str] = ()) -> Outcome:
+                   linked_outputs: Sequence[str] = ()) -> Outcome:
     """Classify an ended attempt.
 
     ``exit_code`` None means interrupted. ``failures`` counts earlier failed
     attempts; ``interruptions`` counts earlier interrupted ones. A step is only
     a success with exit code 0 and every declared output present.
     """
-    if exit_code == 0 and symlinked_outputs and kill_reason is None:
-        kill_reason = ("outputs must be regular files, not symlinks: "
-                       + ", ".join(symlinked_outputs))
+    if exit_code == 0 and linked_outputs and kill_reason is None:
+        kill_reason = ("outputs must be files the step wrote itself, not symlinks or "
+                       "hard links: " + ", ".join(linked_outputs))
     if exit_code == 0 and not missing_outputs and kill_reason is None:
         # Finished work is kept, even when a cancel arrived while it was ending.
         return Outcome(Verdict.SUCCEEDED)
