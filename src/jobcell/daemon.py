@@ -16,8 +16,8 @@ import psutil
 
 from jobcell.errors import WorkerError
 from jobcell.home import CellHome
+from jobcell.leadership import lock_is_stale
 from jobcell.store import LockInfo, Store
-from jobcell.worker import lock_is_stale
 
 START_TIMEOUT_S = 20.0
 

@@ -29,13 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from jobcell import artifacts
-from jobcell.errors import JobcellError, WorkerError
+from jobcell.errors import JobcellError
 from jobcell.executors.base import Executor, Launch, Phase, Status
 from jobcell.executors.embedded import EmbeddedExecutor, install_wrapper
 from jobcell.home import CellHome, open_home
+from jobcell.leadership import WorkerAlreadyRunning, lock_is_stale
 from jobcell.model.advance import Outcome, Verdict, decide_outcome, plan_advance
 from jobcell.model.runner import (
     RunnerDefinition,
@@ -73,29 +72,6 @@ def _fault(point: str) -> None:
     """Crash here when the test-only fault injection variable names this point."""
     if os.environ.get("JOBCELL_FAULT_INJECT") == point:
         os._exit(70)
-
-
-def lock_is_stale(info: LockInfo, now: float, ttl: float) -> bool:
-    """Whether a scheduler lock's holder is gone (dead local PID, or no heartbeat for ttl)."""
-    if now - info.heartbeat_at > ttl:
-        return True
-    if info.hostname != socket.gethostname():
-        return False
-    try:
-        process = psutil.Process(info.pid)
-        # A PID reused by a newer process does not hold the lock.
-        return process.create_time() > info.started_at + 1.0 or process.status() == "zombie"
-    except psutil.NoSuchProcess:
-        return True
-
-
-class WorkerAlreadyRunning(WorkerError):
-    """Another live worker holds this cell's scheduler lock."""
-
-    def __init__(self, info: LockInfo) -> None:
-        self.info = info
-        super().__init__(f"a worker is already running for this cell (pid {info.pid} on "
-                         f"{info.hostname})")
 
 
 @dataclass
