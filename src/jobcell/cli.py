@@ -333,19 +333,47 @@ def scheduler_status(home: Path | None, as_json: bool) -> None:
     if as_json:
         print_json(state)
         return
-    cap, used, free = state["capacity"], state["used"], state["free"]
-    _out().table("resources", ["", "cpu slots", "memory MB"],
-          [["capacity", cap["cpu_slots"], cap["memory_mb"]],
-           ["used", used["cpu_slots"], used["memory_mb"]],
-           ["free", free["cpu_slots"], free["memory_mb"]]])
+    out = _out()
+    rows = [[name, state[name]["cpu_slots"], state[name]["memory_mb"],
+             ",".join(state[name]["gpus"]) or "-"] for name in ("capacity", "used", "free")]
+    out.table("resources", ["", "cpu slots", "memory MB", "GPUs"], rows)
     if state["leases"]:
-        _out().table("leases", ["job", "step", "runner", "cpu", "MB", "since"],
-              [[x["job_id"], x["step"], x["runner"], x["cpu_slots"], x["memory_mb"],
-                x["started_at"]] for x in state["leases"]])
+        out.table("leases", ["job", "step", "runner", "owner", "cpu", "MB", "GPUs", "since"],
+                  [[x["job_id"], x["step"], x["runner"], x["owner"], x["cpu_slots"],
+                    x["memory_mb"], ",".join(x["gpus"]) or "-", x["started_at"]]
+                   for x in state["leases"]])
     queue = state["queue"]
-    _out().console.print(f"queue depth: {queue['depth']}  by runner: {queue['by_runner']}  "
-                  f"by owner: {queue['by_owner']}")
+    out.console.print(f"queue depth: {queue['depth']}  by runner: {queue['by_runner']}  "
+                      f"by owner: {queue['by_owner']}  waiting on a cache twin: "
+                      f"{queue['waiting_cache']}")
+    if state["cooldowns"]:
+        out.table("cooldowns and throttles", ["group", "phase", "cooldown until",
+                                              "throttled until", "max", "reason"],
+                  [[c["group"], c["phase"], c["cooldown_until"], c["throttle_until"],
+                    c["throttle_max"], c["reason"]] for c in state["cooldowns"]])
+    else:
+        out.console.print("cooldowns: none")
     _print_worker(state["worker"])
+
+
+@main.command()
+@click.option("--older-than", "older_than", type=float, default=None, metavar="DAYS",
+              help="Remove terminal jobs that finished more than DAYS ago "
+                   "(default: the cell's gc_max_age_days).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@common
+def gc(home: Path | None, as_json: bool, older_than: float | None, dry_run: bool) -> None:
+    """Remove old finished jobs and their artifacts (the worker also does this hourly)."""
+    with open_cell(home, auto_worker=False) as cell:
+        report = cell.gc(older_than_days=older_than, dry_run=dry_run)
+    if as_json:
+        print_json(report)
+        return
+    verb = "would remove" if dry_run else "removed"
+    _out().console.print(
+        f"{verb} {report['jobs_removed']} job(s) finished more than "
+        f"{report['older_than_days']:g} day(s) ago and {report['orphan_dirs_removed']} "
+        f"orphaned artifact folder(s); {report['bytes_freed']:,} bytes")
 
 
 @main.group()

@@ -103,12 +103,13 @@ class Cell:
 
     @property
     def capacity(self) -> Capacity:
-        """The CPU slots and memory this cell leases out (measured once per Cell)."""
+        """The CPU slots, memory and GPUs this cell leases out (measured once per Cell)."""
         if self._capacity is None:
             from jobcell.scheduler.capacity import detect_capacity
 
             s = self.settings
-            self._capacity = detect_capacity(s.cpu_slots, s.node_memory_mb, s.memory_reserve_mb)
+            self._capacity = detect_capacity(s.cpu_slots, s.node_memory_mb, s.memory_reserve_mb,
+                                             s.gpu_count)
         return self._capacity
 
     # -- runners
@@ -203,7 +204,7 @@ class Cell:
             raise SpecError(f"job {position}: {exc}" if position else str(exc)) from None
         for step in job.steps:
             reason = never_fits_reason(self.capacity, step.resources.cpu_slots,
-                                       step.resources.memory_mb)
+                                       step.resources.memory_mb, step.resources.gpus)
             if reason is not None:
                 raise SpecError(f"node {step.step_id!r} (runner {step.runner.name!r}) {reason}")
         return job
@@ -241,7 +242,8 @@ class Cell:
             cpu_slots=s.resources.cpu_slots, memory_mb=s.resources.memory_mb,
             timeout_s=s.resources.timeout_s, retries=s.runner.retries,
             state=StepState.PENDING if s.inputs else StepState.QUEUED,
-            priority=job.priority, owner=owner) for s in job.steps]
+            priority=job.priority, owner=owner,
+            cache_ns="*" if s.runner.cache_scope == "cell" else job.label) for s in job.steps]
         return JobRow(job_id=job_id, label=job.label, owner=owner, tags=list(job.tags),
                       priority=job.priority, state=JobState.QUEUED, spec=job.spec,
                       spec_hash=job.spec_hash, created_at=now, updated_at=now, steps=steps)
@@ -429,35 +431,59 @@ class Cell:
     # -- cell
     def capabilities(self) -> dict[str, Any]:
         """What this cell offers and where each figure came from."""
-        cap = self.capacity
         return {"executor_backend": self.settings.executor_backend,
-                "cpu_slots": cap.cpu_slots, "cpu_source": cap.cpu_source,
-                "memory_mb": cap.memory_mb, "memory_source": cap.memory_source,
+                **self.capacity.to_dict(),
                 "hostname": socket.gethostname(), "home": str(self.home.root),
                 "python": sys.version.split()[0], "jobcell_version": __version__}
 
     def scheduler_status(self) -> dict[str, Any]:
-        """Capacity, used and free resources, leases by step, queue depth, the worker."""
+        """Capacity, used and free resources, leases by step, queue depth by runner and
+        owner, cooldowns and throttles with their end times, the worker."""
+        from jobcell.scheduler.oom import phase
+
         cap = self.capacity
+        now = time.time()
         running = self.store.steps_in_states([StepState.RUNNING])
         used_cpu = sum(s.cpu_slots for s in running)
         used_memory = sum(s.memory_mb for s in running)
+        used_gpus = sorted({g for s in running for g in (s.gpus or ())})
         by_runner: dict[str, int] = {}
         by_owner: dict[str, int] = {}
         for runner, owner, count in self.store.queue_depth():
             by_runner[runner] = by_runner.get(runner, 0) + count
             by_owner[owner] = by_owner.get(owner, 0) + count
+        cooldowns = [{"group": c.group, "phase": phase(c, now), "reason": c.reason,
+                      "since": iso(c.started_at), "cooldown_until": iso(c.cooldown_until),
+                      "throttle_until": iso(c.throttle_until), "throttle_max": c.throttle_max}
+                     for c in self.store.cooldowns() if phase(c, now) is not None]
+        waiting = self.store.steps_in_states([StepState.WAITING_CACHE])
         return {
-            "capacity": {"cpu_slots": cap.cpu_slots, "memory_mb": cap.memory_mb},
-            "used": {"cpu_slots": used_cpu, "memory_mb": used_memory},
+            "capacity": {"cpu_slots": cap.cpu_slots, "memory_mb": cap.memory_mb,
+                         "gpus": [g.index for g in cap.gpus]},
+            "used": {"cpu_slots": used_cpu, "memory_mb": used_memory, "gpus": used_gpus},
             "free": {"cpu_slots": cap.cpu_slots - used_cpu,
-                     "memory_mb": cap.memory_mb - used_memory},
+                     "memory_mb": cap.memory_mb - used_memory,
+                     "gpus": [g.index for g in cap.gpus if g.index not in used_gpus]},
             "leases": [{"job_id": s.job_id, "step": s.step_id, "runner": s.runner,
-                        "cpu_slots": s.cpu_slots, "memory_mb": s.memory_mb,
-                        "attempt": s.attempt, "started_at": iso(s.started_at)} for s in running],
+                        "owner": s.owner, "cpu_slots": s.cpu_slots, "memory_mb": s.memory_mb,
+                        "gpus": s.gpus or [], "attempt": s.attempt,
+                        "started_at": iso(s.started_at)} for s in running],
             "queue": {"depth": sum(by_runner.values()), "by_runner": by_runner,
-                      "by_owner": by_owner},
+                      "by_owner": by_owner, "waiting_cache": len(waiting)},
+            "cooldowns": cooldowns,
             "worker": self.worker_status()}
+
+    def gc(self, *, older_than_days: float | None = None,
+           dry_run: bool = False) -> dict[str, Any]:
+        """Remove terminal jobs older than ``older_than_days`` (default: the cell's
+        ``gc_max_age_days``) with their artifacts; ``dry_run`` only reports them."""
+        from jobcell import retention
+
+        age = self.settings.gc_max_age_days if older_than_days is None else older_than_days
+        if not age >= 0:  # also NaN
+            raise SpecError(f"--older-than must be a non-negative number of days, got {age}")
+        report = retention.collect(self.home, self.store, age, time.time(), dry_run=dry_run)
+        return {**report.to_dict(), "older_than_days": age}
 
     def worker_status(self) -> dict[str, Any]:
         """``alive``, ``pid``, ``hostname``, ``heartbeat_age_s``, ``started_at``."""

@@ -39,6 +39,12 @@ def _auto_or_positive_int(value: Any) -> int | str:
     return _positive_int(value)
 
 
+def _auto_or_non_negative_int(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _non_negative_int(value)
+
+
 def _unlimited_or_positive_int(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("unlimited", "inf")):
         return None
@@ -57,6 +63,13 @@ def _positive_float(value: Any) -> float:
 def _non_negative_float(value: Any) -> float:
     number = float(value)
     if not number >= 0 or isinstance(value, bool):  # "not >=" also rejects NaN
+        raise ValueError
+    return number
+
+
+def _memory_factor(value: Any) -> float:
+    number = _non_negative_float(value)
+    if not 1.0 <= number <= 16.0:
         raise ValueError
     return number
 
@@ -107,6 +120,7 @@ OPTIONS: dict[str, Option] = {
     "cpu_slots": Option("auto", _auto_or_positive_int, "a positive integer or 'auto'"),
     "node_memory_mb": Option("auto", _auto_or_positive_int, "a positive integer or 'auto'"),
     "memory_reserve_mb": Option(2048, _non_negative_int, "a non-negative integer"),
+    "gpu_count": Option("auto", _auto_or_non_negative_int, "a non-negative integer or 'auto'"),
     "max_jobs_global": Option(1_000_000, _positive_int, "a positive integer"),
     "max_jobs_per_user": Option(None, _unlimited_or_positive_int,
                                 "a positive integer or 'unlimited'"),
@@ -119,6 +133,14 @@ OPTIONS: dict[str, Option] = {
     "worker_heartbeat_ttl_s": Option(15.0, _positive_float, "a positive number of seconds"),
     "retry_backoff_s": Option(2.0, _non_negative_float, "a non-negative number of seconds"),
     "kill_grace_s": Option(5.0, _non_negative_float, "a non-negative number of seconds"),
+    "oom_cooldown_s": Option(900.0, _non_negative_float, "a non-negative number of seconds"),
+    "oom_throttle_hours": Option(24.0, _non_negative_float, "a non-negative number of hours"),
+    "oom_throttle_max_concurrent": Option(1, _positive_int, "a positive integer"),
+    "oom_memory_factor": Option(1.5, _memory_factor, "a number from 1 to 16 (1 = no raise)"),
+    "gc_max_age_days": Option(30.0, _non_negative_float,
+                              "a non-negative number of days (0 = keep forever)"),
+    "gc_interval_s": Option(3600.0, _non_negative_float,
+                            "a non-negative number of seconds (0 = only 'jobcell gc')"),
 }
 
 

@@ -8,9 +8,11 @@ The worker is the only writer of step transitions. Every round it
 3. advances the touched jobs (idempotent: a crash before this step is finished
    by the next worker, which advances every active job on start),
 4. stops attempts past their timeout,
-5. admits queued steps that fit the capacity: the attempt is committed as
-   running *before* it is spawned, so a crash in between is an interrupted
-   attempt (requeued), never a lost or doubled one.
+5. settles steps that wait for an identical running step (step cache),
+6. admits queued steps in fair order: a cache hit is copied, a step whose twin is
+   running waits for it, the rest start when they fit the capacity. The attempt is
+   committed as running *before* it is spawned, so a crash in between is an
+   interrupted attempt (requeued), never a lost or doubled one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,13 +45,17 @@ from jobcell.model.runner import (
     runner_values,
 )
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
-from jobcell.scheduler.admission import Lease, Request, admit
+from jobcell.scheduler import oom
+from jobcell.scheduler.admission import GroupLimit, Lease, Request, admit, group_cap
 from jobcell.scheduler.capacity import Capacity, detect_capacity
+from jobcell.scheduler.fairness import Queued, fair_order
 from jobcell.settings import Settings, load_settings
+from jobcell.stepcache import StepCache, clear_cache_leftover
 from jobcell.store import (
     AttemptRow,
     Changes,
     ConflictError,
+    CooldownRow,
     LockInfo,
     LockLostError,
     NewEvent,
@@ -61,6 +67,7 @@ from jobcell.store.base import JobUpdate, StepUpdate
 from jobcell.store.sqlite import SQLiteStore
 
 ADMIT_BATCH = 1000
+WAITING_RECHECK_S = 10.0  # re-check cache waiters this often even when nothing ended
 
 
 def step_key(job_id: str, step_id: str) -> str:
@@ -93,8 +100,10 @@ class Worker:
         self.store = store
         self.clock = clock
         self.capacity: Capacity = detect_capacity(
-            settings.cpu_slots, settings.node_memory_mb, settings.memory_reserve_mb)
+            settings.cpu_slots, settings.node_memory_mb, settings.memory_reserve_mb,
+            settings.gpu_count)
         self.executor = executor or EmbeddedExecutor(home.wrapper_script)
+        self.cache = StepCache(home, store)
         self.token = uuid.uuid4().hex
         self._running: dict[str, StepRow] = {}
         self._kills: dict[str, _Kill] = {}
@@ -105,6 +114,9 @@ class Worker:
         self._stop = False
         self._last_heartbeat = 0.0
         self._idle_since: float | None = None
+        self._cooldowns: dict[str, CooldownRow] = {}
+        self._waiting_checked = float("-inf")   # when cache waiters were last settled
+        self._last_gc = clock()
 
     # -- leadership
     def acquire(self) -> None:
@@ -140,7 +152,10 @@ class Worker:
 
     # -- lifecycle
     def recover(self) -> None:
-        """Re-adopt running attempts and re-advance every active job."""
+        """Re-adopt running attempts, re-advance every active job, re-read cooldowns and
+        settle cache waiters."""
+        self._cooldowns = {row.group: row for row in self.store.cooldowns()}
+        self._waiting_checked = float("-inf")
         for step in self.store.steps_in_states([StepState.RUNNING]):
             key = step_key(step.job_id, step.step_id)
             self._running[key] = step
@@ -227,9 +242,12 @@ class Worker:
         now = self.clock()
         did = self._note_cancels()
         did = self._collect(now) or did
+        did = self._settle_waiting(now) or did
         did = self._advance(now) or did
         self._enforce_timeouts(now)
-        return self._admit(now) or did
+        did = self._admit(now) or did
+        self._maybe_collect_garbage(now)
+        return did
 
     # -- cancellation
     def _note_cancels(self) -> bool:
@@ -252,11 +270,15 @@ class Worker:
             return False
         self._commit(changes)
         _fault("after_completion_commit")
+        self._cooldowns.update((row.group, row) for row in changes.cooldowns)
+        self.cache.memo.flush()
         for key in ended:
             self.executor.forget(key)
             step = self._running.pop(key)
             self._kills.pop(key, None)
             self._touched.add(step.job_id)
+            if step.step_key is not None:
+                self._waiting_checked = float("-inf")  # its cache waiters can settle now
         return True
 
     def _record_end(self, changes: Changes, step: StepRow, status: Status, now: float) -> None:
@@ -267,6 +289,31 @@ class Worker:
         code = status.exit_code if status.phase == Phase.EXITED else None
         outcome, outputs = self._judge(step, paths, code, kill)
         self._write_outcome(changes, step, outcome, code, outputs, now)
+        if kill is None and outcome.verdict in (Verdict.RETRY, Verdict.FAILED) \
+                and oom.is_oom_like(code):
+            self._note_oom(changes, step, outcome, code, now)
+
+    def _note_oom(self, changes: Changes, step: StepRow, outcome: Outcome, code: int | None,
+                  now: float) -> None:
+        """Cool the runner's group down; a retry asks for more memory."""
+        s = self.settings
+        group = self._runner(step).group
+        row = oom.start_cooldown(
+            group, now, cooldown_s=s.oom_cooldown_s, throttle_hours=s.oom_throttle_hours,
+            throttle_max=s.oom_throttle_max_concurrent, job_id=step.job_id,
+            step_id=step.step_id, reason=f"OOM-like exit {step.job_id}/{step.step_id}: "
+                                         f"{outcome.reason}")
+        changes.cooldowns.append(row)
+        changes.events.append(NewEvent(step.job_id, "oom_cooldown", now, step.step_id, {
+            "group": group, "exit_code": code, "cooldown_until": row.cooldown_until,
+            "throttle_until": row.throttle_until, "throttle_max": row.throttle_max}))
+        if outcome.verdict != Verdict.RETRY:
+            return
+        raised = oom.raised_memory(step.memory_mb, s.oom_memory_factor, self.capacity.memory_mb)
+        if raised != step.memory_mb:
+            changes.steps.append(StepUpdate(step.job_id, step.step_id, {"memory_mb": raised}))
+            changes.events.append(NewEvent(step.job_id, "memory_raised", now, step.step_id, {
+                "from_mb": step.memory_mb, "to_mb": raised, "attempt": step.attempt + 1}))
 
     def _judge(self, step: StepRow, paths: artifacts.AttemptPaths, code: int | None,
                kill: _Kill | None) -> tuple[Outcome, list[artifacts.OutputFile]]:
@@ -289,7 +336,10 @@ class Worker:
         if outcome.verdict != Verdict.SUCCEEDED:
             return outcome, []
         try:
-            return outcome, artifacts.register_outputs(paths.output_dir)
+            outputs = artifacts.register_outputs(paths.output_dir)
+            for output in outputs:  # the step cache hashes them again as downstream inputs
+                self.cache.memo.remember(output.path, output.blake3)
+            return outcome, outputs
         except OSError as exc:
             failed = decide_outcome(
                 exit_code=None, missing_outputs=[], kill_reason=f"cannot read outputs: {exc}",
@@ -314,7 +364,7 @@ class Worker:
                              step.memory_mb)
         changes.attempts.append(attempt)
         data: dict[str, Any] = {"attempt": step.attempt, "exit_code": code}
-        fields: dict[str, Any] = {"exit_code": code, "error": outcome.reason}
+        fields: dict[str, Any] = {"exit_code": code, "error": outcome.reason, "gpus": None}
         if verdict == Verdict.SUCCEEDED:
             fields.update(state=StepState.SUCCEEDED, finished_at=now)
             changes.outputs.extend(
@@ -421,23 +471,50 @@ class Worker:
     def _admit(self, now: float) -> bool:
         if self._stop:
             return False
-        queue = self.store.ready_steps(now, self._admission_window(),
-                                       exclude_runners=self._saturated_runners())
+        limits = oom.group_limits(self._cooldowns.values(), now)
+        queue = self._fair_queue(now, limits)
         if not queue:
             return False
-        self._runner_groups.update((s.runner, self._runner(s).group) for s in queue)
+        queue, followers, cached = self._resolve_cache(queue, now)
         by_key = {step_key(s.job_id, s.step_id): s for s in queue}
-        requests = [Request(k, s.cpu_slots, s.memory_mb, self._runner(s).group,
-                            self._runner(s).max_concurrent) for k, s in by_key.items()]
-        leases = [Lease(k, s.cpu_slots, s.memory_mb, self._runner(s).group)
+        requests = [self._request(k, s) for k, s in by_key.items()]
+        leases = [Lease(k, s.cpu_slots, s.memory_mb, self._runner(s).group, tuple(s.gpus or ()))
                   for k, s in self._running.items()]
-        decision = admit(self.capacity, leases, requests)
+        decision = admit(self.capacity, leases, requests, limits)
         self._fail_impossible(decision.never_fits, by_key, now)
-        if not decision.admit:
-            return bool(decision.never_fits)
         started = [by_key[k] for k in decision.admit]
-        self._start(started, now)
-        return True
+        if started:
+            self._start(started, now, decision.devices)
+        waited = self._follow(followers, now)
+        return bool(started or decision.never_fits or cached or waited)
+
+    def _request(self, key: str, step: StepRow) -> Request:
+        runner = self._runner(step)
+        return Request(key, step.cpu_slots, step.memory_mb, runner.group, runner.max_concurrent,
+                       runner.resources.gpus, runner.resources.optional_gpus)
+
+    def _fair_queue(self, now: float, limits: dict[str, GroupLimit]) -> list[StepRow]:
+        """Ready steps in fair order across owners (see :mod:`jobcell.scheduler.fairness`).
+
+        Each owner's best steps are read on their own, so one owner's long backlog cannot
+        fill the admission window; owners with the fewest running steps are read first.
+        """
+        window = self._admission_window()
+        excluded = self._saturated_runners(limits)
+        owners = self.store.queued_owners()
+        running = Counter(step.owner for step in self._running.values())
+        if len(owners) <= 1:
+            rows = self.store.ready_steps(now, window, excluded)
+        else:
+            owners = sorted(owners, key=lambda o: running[o])[:window]
+            per_owner = max(1, min(window, 4 * window // len(owners)))
+            rows = [row for owner in owners
+                    for row in self.store.ready_steps(now, per_owner, excluded, owner=owner)]
+        for row in rows:
+            self._runner_groups[row.runner] = self._runner(row).group
+        order = fair_order([Queued(i, r.owner, r.priority, r.seq) for i, r in enumerate(rows)],
+                           running)
+        return [rows[i] for i in order]  # type: ignore[index]
 
     def _admission_window(self) -> int:
         """How many queued steps to consider this round.
@@ -450,22 +527,149 @@ class Worker:
         free = max(self.capacity.cpu_slots - used, 0)
         return min(ADMIT_BATCH, 2 * free + 8)
 
-    def _saturated_runners(self) -> set[str]:
-        """Runners whose concurrency group is at its ``max_concurrent``.
+    def _saturated_runners(self, limits: dict[str, GroupLimit]) -> set[str]:
+        """Runners whose concurrency group cannot start a step now: at its
+        ``max_concurrent`` or OOM throttle, or in an OOM cooldown.
 
         Their queued steps cannot start now; left in the admission window, a long backlog
         of them would keep every other runner's steps out of it.
         """
         running: Counter[str] = Counter()
-        limits: dict[str, int] = {}
+        caps: dict[str, int] = {}
         for step in self._running.values():
             runner = self._runner(step)
             self._runner_groups[step.runner] = runner.group
             running[runner.group] += 1
-            if runner.max_concurrent is not None:
-                limits[runner.group] = runner.max_concurrent
-        full = {group for group, limit in limits.items() if running[group] >= limit}
+            cap = group_cap(self._request("", step), limits.get(runner.group))
+            if cap is not None:
+                caps[runner.group] = cap
+        full = {group for group, cap in caps.items() if running[group] >= cap}
+        full |= {group for group, limit in limits.items()
+                 if limit.blocked or (limit.max_concurrent is not None
+                                      and running[group] >= limit.max_concurrent)}
         return {name for name, group in self._runner_groups.items() if group in full}
+
+    # -- the step cache
+    def _resolve_cache(self, queue: list[StepRow], now: float
+                       ) -> tuple[list[StepRow], list[StepRow], bool]:
+        """Serve cache hits, park steps whose twin runs; return the steps left to admit,
+        the ones that wait on a twin admitted this round, and whether anything changed."""
+        changes = Changes()
+        remaining: list[StepRow] = []
+        followers: list[StepRow] = []
+        leaders: set[tuple[str, str]] = set()
+        for step in queue:
+            if not step.cache:
+                remaining.append(step)
+                continue
+            try:
+                step.step_key = self.cache.key(step, self._upstream_attempts(step))
+            except OSError as exc:
+                print(f"cannot hash the inputs of {step.job_id}/{step.step_id}, running it "
+                      f"without the cache: {exc}", file=sys.stderr)
+                remaining.append(step)
+                continue
+            if (step.step_key, step.cache_ns) in leaders:
+                followers.append(step)
+                continue
+            done = self.cache.done_twin(step.step_key, step.cache_ns)
+            if done is not None and self._copy_twin(changes, step, done, now):
+                continue
+            running = self.cache.running_twin(step.step_key, step.cache_ns)
+            if running is not None:
+                self._wait_for(changes, step, running, now)
+                continue
+            leaders.add((step.step_key, step.cache_ns))
+            remaining.append(step)
+        if changes:
+            self._commit(changes)
+        return remaining, followers, bool(changes)
+
+    def _copy_twin(self, changes: Changes, step: StepRow, twin: StepRow, now: float) -> bool:
+        """Make ``step`` a copy of its finished twin; False when the twin's files are gone."""
+        attempt = step.attempt + 1
+        try:
+            outputs = self.cache.materialise(step, twin, attempt)
+        except OSError as exc:
+            print(f"cannot copy the cached outputs of {twin.job_id}/{twin.step_id}: {exc}",
+                  file=sys.stderr)
+            with contextlib.suppress(OSError):
+                clear_cache_leftover(self.home.attempt_dir(step.job_id, step.step_id, attempt))
+            return False
+        source = {"source_job": twin.job_id, "source_step": twin.step_id,
+                  "step_key": step.step_key}
+        changes.steps.append(StepUpdate(step.job_id, step.step_id, {
+            "state": StepState.CACHED, "attempt": attempt, "started_at": now,
+            "finished_at": now, "exit_code": 0, "error": None, "step_key": step.step_key},
+            step.state))
+        changes.attempts.append(AttemptRow(
+            step.job_id, step.step_id, attempt, "cached", now, now, 0,
+            f"copied from {twin.job_id}/{twin.step_id}", None, step.memory_mb))
+        changes.outputs.extend(outputs)
+        changes.events.append(NewEvent(step.job_id, "step_cached", now, step.step_id,
+                                       {**source, "outputs": len(outputs)}))
+        self._touched.add(step.job_id)
+        self.cache.forget(step.job_id, step.step_id)
+        return True
+
+    def _wait_for(self, changes: Changes, step: StepRow, twin: StepRow, now: float) -> None:
+        """Park ``step`` until its running twin ends; it holds no lease meanwhile."""
+        changes.steps.append(StepUpdate(step.job_id, step.step_id, {
+            "state": StepState.WAITING_CACHE, "step_key": step.step_key}, StepState.QUEUED))
+        changes.events.append(NewEvent(step.job_id, "step_cache_wait", now, step.step_id, {
+            "source_job": twin.job_id, "source_step": twin.step_id,
+            "step_key": step.step_key}))
+        self._touched.add(step.job_id)
+        self.cache.forget(step.job_id, step.step_id)
+
+    def _follow(self, followers: list[StepRow], now: float) -> bool:
+        """Steps identical to one admitted this round wait for it; the others stay queued."""
+        changes = Changes()
+        for step in followers:
+            assert step.step_key is not None
+            twin = self.cache.running_twin(step.step_key, step.cache_ns)
+            if twin is not None:
+                self._wait_for(changes, step, twin, now)
+        if changes:
+            self._commit(changes)
+        return bool(changes)
+
+    def _settle_waiting(self, now: float) -> bool:
+        """Steps waiting on a twin: copy it when it finished, run themselves when it did
+        not succeed, keep waiting while it runs."""
+        if now - self._waiting_checked < WAITING_RECHECK_S:
+            return False
+        self._waiting_checked = now
+        changes = Changes()
+        for step in self.store.steps_in_states([StepState.WAITING_CACHE]):
+            if step.job_id in self._cancelling or step.step_key is None:
+                continue
+            done = self.cache.done_twin(step.step_key, step.cache_ns)
+            if done is not None and self._copy_twin(changes, step, done, now):
+                continue
+            if self.cache.running_twin(step.step_key, step.cache_ns) is not None:
+                continue
+            changes.steps.append(StepUpdate(step.job_id, step.step_id,
+                                            {"state": StepState.QUEUED},
+                                            StepState.WAITING_CACHE))
+            changes.events.append(NewEvent(step.job_id, "step_requeued", now, step.step_id, {
+                "reason": "the identical step it waited for did not succeed; running it"}))
+        if changes:
+            self._commit(changes)
+        return bool(changes)
+
+    # -- garbage collection
+    def _maybe_collect_garbage(self, now: float) -> None:
+        interval = self.settings.gc_interval_s
+        if not interval or now - self._last_gc < interval:
+            return
+        self._last_gc = now
+        from jobcell import retention
+
+        try:
+            retention.collect(self.home, self.store, self.settings.gc_max_age_days, now)
+        except (OSError, JobcellError) as exc:
+            print(f"garbage collection failed: {exc}", file=sys.stderr)
 
     def _fail_impossible(self, never_fits: tuple[tuple[str, str], ...],
                          by_key: dict[str, StepRow], now: float) -> None:
@@ -482,20 +686,27 @@ class Worker:
             self._touched.add(step.job_id)
         self._commit(changes)
 
-    def _start(self, steps: list[StepRow], now: float) -> None:
+    def _start(self, steps: list[StepRow], now: float,
+               devices: Mapping[str, tuple[str, ...]]) -> None:
         changes = Changes()
         running: list[StepRow] = []
         for step in steps:
+            gpus = list(devices.get(step_key(step.job_id, step.step_id), ()))
             step = replace(step, state=StepState.RUNNING, attempt=step.attempt + 1,
-                           started_at=now, exit_code=None, pid=None)
+                           started_at=now, exit_code=None, pid=None, gpus=gpus or None)
             running.append(step)
+            self.cache.forget(step.job_id, step.step_id)
             changes.steps.append(StepUpdate(step.job_id, step.step_id, {
                 "state": StepState.RUNNING, "attempt": step.attempt, "started_at": now,
-                "exit_code": None, "pid": None, "not_before": None}, StepState.QUEUED))
+                "exit_code": None, "pid": None, "not_before": None, "gpus": step.gpus,
+                "step_key": step.step_key}, StepState.QUEUED))
             changes.attempts.append(AttemptRow(step.job_id, step.step_id, step.attempt,
                                                "running", now, memory_mb=step.memory_mb))
+            data: dict[str, Any] = {"attempt": step.attempt}
+            if gpus:
+                data["gpus"] = gpus
             changes.events.append(NewEvent(step.job_id, "step_started", now, step.step_id,
-                                           {"attempt": step.attempt}))
+                                           data))
         self._commit(changes)  # committed as running before anything is spawned
         _fault("after_start_commit")
         pids = Changes()
@@ -519,6 +730,7 @@ class Worker:
         """
         attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
         try:
+            clear_cache_leftover(attempt_dir)
             launch = self._launch(step, key, attempt_dir)
             return self.executor.submit([launch])[key]
         except (OSError, ValueError, JobcellError) as exc:
@@ -537,9 +749,13 @@ class Worker:
                                           step_input=runner.python is not None)
         values = runner_values(runner, step.params, str(attempt_dir), str(paths.input_dir),
                                str(paths.output_dir))
-        env = runner_environment(runner, os.environ, {
-            "JOBCELL_JOB_ID": step.job_id, "JOBCELL_STEP_ID": step.step_id,
-            "JOBCELL_ATTEMPT": str(step.attempt), "JOBCELL_STEP_DIR": str(attempt_dir)})
+        extra = {"JOBCELL_JOB_ID": step.job_id, "JOBCELL_STEP_ID": step.step_id,
+                 "JOBCELL_ATTEMPT": str(step.attempt), "JOBCELL_STEP_DIR": str(attempt_dir)}
+        if self.capacity.gpus or step.gpus:
+            # Exactly the leased devices; none at all for a step that leased none.
+            extra["CUDA_VISIBLE_DEVICES"] = ",".join(step.gpus or ())
+            extra["JOBCELL_GPU_DEVICES"] = extra["CUDA_VISIBLE_DEVICES"]
+        env = runner_environment(runner, os.environ, extra)
         return Launch(key, attempt_dir, tuple(runner_argv(runner, values)), env)
 
     def _upstream_attempts(self, step: StepRow) -> dict[str, int]:

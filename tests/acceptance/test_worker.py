@@ -47,7 +47,8 @@ def test_scheduler_status_shows_leases_and_queue(cli: Cli, tmp_path: Path) -> No
     idle = cli.json("scheduler", "status")
     assert set(idle) >= {"capacity", "used", "free", "leases", "queue", "worker"}
     assert idle["capacity"]["cpu_slots"] == 1
-    assert idle["used"] == {"cpu_slots": 0, "memory_mb": 0}
+    assert idle["used"] == {"cpu_slots": 0, "memory_mb": 0, "gpus": []}
+    assert idle["cooldowns"] == [] and idle["queue"]["waiting_cache"] == 0
     assert idle["free"] == idle["capacity"]
     assert idle["leases"] == [] and idle["queue"]["depth"] == 0
     assert idle["worker"]["alive"] is False
@@ -68,7 +69,8 @@ def test_scheduler_status_shows_leases_and_queue(cli: Cli, tmp_path: Path) -> No
     [lease] = state["leases"]
     assert lease["job_id"] == job_id and lease["step"] == "nap" and lease["runner"] == "slow"
     assert lease["cpu_slots"] == 1 and lease["memory_mb"] == 64 and lease["attempt"] == 1
-    assert state["used"] == {"cpu_slots": 1, "memory_mb": 64}
+    assert state["used"] == {"cpu_slots": 1, "memory_mb": 64, "gpus": []}
+    assert lease["gpus"] == [] and lease["owner"]
     assert state["free"]["cpu_slots"] == 0
     assert state["free"]["memory_mb"] == state["capacity"]["memory_mb"] - 64
     assert state["queue"]["depth"] == 1

@@ -177,8 +177,10 @@ def test_kill_9_runner_is_not_a_success(cell: Cell, tools: Path, tmp_path: Path)
     assert len(run_lines(runs)) == 1
 
 
-def test_kill_9_runner_with_retries_left_is_retried(cell: Cell, tools: Path,
-                                                    tmp_path: Path) -> None:
+def test_kill_9_runner_with_retries_left_is_retried(make_cell: Callable[..., Cell],
+                                                    tools: Path, tmp_path: Path) -> None:
+    # Signal 9 is OOM-like: the group cools down (briefly here) before the retry.
+    cell = make_cell(oom_cooldown_s=0.5)
     runs = tmp_path / "runs.log"
     register_counter(cell, tools, runs, mode="slow-first", seconds=30, retries=1)
     register_after(cell, tools)
@@ -198,6 +200,7 @@ def test_kill_9_runner_with_retries_left_is_retried(cell: Cell, tools: Path,
     assert "OOM-like" in reasons[0]
     assert len(events_of(cell, job, "retry_scheduled")) == 1
     assert [line.split()[-1] for line in run_lines(runs)] == ["attempt=1", "attempt=2"]
+    assert len(events_of(cell, job, "oom_cooldown")) == 1
     assert (attempt_dir(cell, job, "first", 2) / "output" / "result.txt").read_text() == \
         "done 2\n"
     assert_outputs_match_files(cell, job)

@@ -55,6 +55,8 @@ class Resources(BaseModel):
     memory_mb: int = Field(default=256, ge=0, le=2**40)
     cpu_slots: int = Field(default=1, ge=0, le=1_000_000)
     timeout_s: float = Field(default=3600, gt=0, le=366 * 86400, allow_inf_nan=False)
+    gpus: int = Field(default=0, ge=0, le=1024)
+    optional_gpus: int = Field(default=0, ge=0, le=1024)
 
 
 class RunnerDefinition(BaseModel):
@@ -76,6 +78,7 @@ class RunnerDefinition(BaseModel):
     concurrency_group: str | None = None
     max_concurrent: int | None = Field(default=None, ge=1)
     cacheable: bool = True
+    cache_scope: Literal["label", "cell"] = "label"
     retries: int = Field(default=0, ge=0, le=100)
     outputs: list[str] = Field(default_factory=list)
     # Set by the registry, not by the author:

@@ -1,23 +1,32 @@
-"""Admission: which queued steps may start now. Pure: no clock, no I/O."""
+"""Admission: which queued steps may start now. Pure: no clock, no I/O.
+
+The inputs are the cell's capacity, the leases of running steps, the limits on
+concurrency groups (``max_concurrent``, OOM cooldowns and throttles, see
+:mod:`jobcell.scheduler.oom`) and the queue in the order it should be served
+(see :mod:`jobcell.scheduler.fairness`). The output is the steps to start, the
+GPU devices each one gets, and the steps that can never run on this cell.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from jobcell.scheduler.capacity import Capacity
 
 
 @dataclass(frozen=True)
 class Request:
-    """A queued step asking to start, in queue order."""
+    """A queued step asking to start, in the order it should be served."""
 
     key: str
     cpu_slots: int
     memory_mb: int
     group: str
     max_concurrent: int | None = None
+    gpus: int = 0             # devices it cannot run without
+    optional_gpus: int = 0    # devices it takes when they are free
 
 
 @dataclass(frozen=True)
@@ -28,47 +37,85 @@ class Lease:
     cpu_slots: int
     memory_mb: int
     group: str
+    gpus: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupLimit:
+    """A limit on one concurrency group beyond its runners' ``max_concurrent``."""
+
+    blocked: bool = False             # in cooldown: nothing of the group starts
+    max_concurrent: int | None = None  # throttled: at most this many run at once
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Steps to start now, and steps that can never fit this cell."""
+    """Steps to start now (with their GPU devices), and steps that can never fit."""
 
     admit: tuple[str, ...]
     never_fits: tuple[tuple[str, str], ...]
+    devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def never_fits_reason(capacity: Capacity, cpu_slots: int, memory_mb: int) -> str | None:
+def never_fits_reason(capacity: Capacity, cpu_slots: int, memory_mb: int,
+                      gpus: int = 0) -> str | None:
     """Why a request can never run on this capacity, or None when it can."""
     if cpu_slots > capacity.cpu_slots:
         return f"needs {cpu_slots} cpu slots but the cell has {capacity.cpu_slots}"
     if memory_mb > capacity.memory_mb:
         return f"needs {memory_mb} MB of memory but the cell has {capacity.memory_mb} MB"
+    if gpus > len(capacity.gpus):
+        return f"needs {gpus} GPU(s) but the cell has {len(capacity.gpus)}"
     return None
 
 
-def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request]) -> Decision:
+def group_cap(request: Request, limit: GroupLimit | None) -> int | None:
+    """How many steps of the request's group may run at once (None: no cap)."""
+    caps = [c for c in (request.max_concurrent, limit.max_concurrent if limit else None)
+            if c is not None]
+    return min(caps) if caps else None
+
+
+def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request],
+          limits: Mapping[str, GroupLimit] | None = None) -> Decision:
     """Greedy admission in queue order; a step that does not fit now is skipped.
 
-    Never over-commits: the sum of leases after admission stays within capacity,
-    and a group never exceeds its ``max_concurrent``.
+    Never over-commits: after admission the sum of leased CPU slots and memory stays
+    within capacity, no GPU device is leased twice, a group never exceeds its
+    ``max_concurrent`` or throttle, and nothing of a group in cooldown starts.
     """
+    limits = limits or {}
     leases = list(leases)
     free_cpu = capacity.cpu_slots - sum(lease.cpu_slots for lease in leases)
     free_memory = capacity.memory_mb - sum(lease.memory_mb for lease in leases)
+    held = {device for lease in leases for device in lease.gpus}
+    free_gpus = [gpu.index for gpu in capacity.gpus if gpu.index not in held]
     running = Counter(lease.group for lease in leases)
     admitted: list[str] = []
+    devices: dict[str, tuple[str, ...]] = {}
     impossible: list[tuple[str, str]] = []
     for request in queue:
-        reason = never_fits_reason(capacity, request.cpu_slots, request.memory_mb)
+        reason = never_fits_reason(capacity, request.cpu_slots, request.memory_mb,
+                                   request.gpus)
         if reason is not None:
             impossible.append((request.key, reason))
             continue
-        if request.max_concurrent is not None and running[request.group] >= request.max_concurrent:
+        limit = limits.get(request.group)
+        if limit is not None and limit.blocked:
             continue
-        if request.cpu_slots <= free_cpu and request.memory_mb <= free_memory:
-            admitted.append(request.key)
-            free_cpu -= request.cpu_slots
-            free_memory -= request.memory_mb
-            running[request.group] += 1
-    return Decision(tuple(admitted), tuple(impossible))
+        cap = group_cap(request, limit)
+        if cap is not None and running[request.group] >= cap:
+            continue
+        if (request.cpu_slots > free_cpu or request.memory_mb > free_memory
+                or request.gpus > len(free_gpus)):
+            continue
+        take = request.gpus + min(request.optional_gpus, len(free_gpus) - request.gpus)
+        if take:
+            devices[request.key] = tuple(free_gpus[:take])
+            del free_gpus[:take]
+        admitted.append(request.key)
+        free_cpu -= request.cpu_slots
+        free_memory -= request.memory_mb
+        running[request.group] += 1
+    return Decision(tuple(admitted), tuple(impossible), devices)

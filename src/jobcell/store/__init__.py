@@ -4,7 +4,9 @@ from jobcell.store.base import (
     AttemptRow,
     Changes,
     ConflictError,
+    CooldownRow,
     EventRow,
+    FileHash,
     JobRow,
     LockInfo,
     LockLostError,
@@ -14,5 +16,5 @@ from jobcell.store.base import (
     Store,
 )
 
-__all__ = ["AttemptRow", "Changes", "ConflictError", "EventRow", "JobRow", "LockInfo",
-           "LockLostError", "NewEvent", "OutputRow", "StepRow", "Store"]
+__all__ = ["AttemptRow", "Changes", "ConflictError", "CooldownRow", "EventRow", "FileHash",
+           "JobRow", "LockInfo", "LockLostError", "NewEvent", "OutputRow", "StepRow", "Store"]

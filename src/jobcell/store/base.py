@@ -51,6 +51,9 @@ class StepRow:
     priority: int = 0
     owner: str = ""
     seq: int = 0
+    gpus: list[str] | None = None      # GPU device indexes leased to the running attempt
+    step_key: str | None = None        # content address, once known (see jobcell.cache)
+    cache_ns: str = ""                 # cache namespace: the job's label, or "*" (cell scope)
 
 
 @dataclass
@@ -125,6 +128,32 @@ class OutputRow:
 
 
 @dataclass(frozen=True)
+class CooldownRow:
+    """A concurrency group held back after an OOM-like exit: blocked until
+    ``cooldown_until``, then limited to ``throttle_max`` running steps until ``throttle_until``."""
+
+    group: str
+    reason: str
+    started_at: float
+    cooldown_until: float
+    throttle_until: float
+    throttle_max: int
+    job_id: str | None = None
+    step_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FileHash:
+    """A remembered file digest, valid while the file keeps this identity."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    blake3: str
+
+
+@dataclass(frozen=True)
 class StepUpdate:
     """Set ``fields`` on one step; when ``expect`` is given the step must be in that state."""
 
@@ -152,9 +181,11 @@ class Changes:
     attempts: list[AttemptRow] = field(default_factory=list)
     events: list[NewEvent] = field(default_factory=list)
     outputs: list[OutputRow] = field(default_factory=list)
+    cooldowns: list[CooldownRow] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.steps or self.jobs or self.attempts or self.events or self.outputs)
+        return bool(self.steps or self.jobs or self.attempts or self.events or self.outputs
+                    or self.cooldowns)
 
 
 @dataclass(frozen=True)
@@ -191,8 +222,29 @@ class Store(Protocol):
     # -- the worker
     def steps_in_states(self, states: Iterable[StepState]) -> list[StepRow]: ...
     def job_ids_in_states(self, states: Iterable[JobState]) -> list[str]: ...
-    def ready_steps(self, now: float, limit: int,
-                    exclude_runners: Collection[str] = ()) -> list[StepRow]: ...
+    def ready_steps(self, now: float, limit: int, exclude_runners: Collection[str] = (),
+                    owner: str | None = None) -> list[StepRow]:
+        """Queued steps whose backoff is over, best first (priority, then age); only
+        ``owner``'s when given."""
+        ...
+    def queued_owners(self) -> list[str]:
+        """Owners that have queued steps (cheap even with a long queue)."""
+        ...
+    def find_cache_twin(self, step_key: str, cache_ns: str,
+                        states: Iterable[StepState]) -> StepRow | None:
+        """A step with this key in this cache namespace and one of ``states``
+        (the most recently finished or started first)."""
+        ...
+    def cooldowns(self) -> list[CooldownRow]: ...
+    def file_hash(self, path: str) -> FileHash | None: ...
+    def record_file_hashes(self, rows: Sequence[FileHash]) -> None: ...
+    def forget_file_hashes(self, prefix: str) -> None:
+        """Drop remembered digests of every path under ``prefix`` (deleted artifacts)."""
+        ...
+    def terminal_jobs_before(self, finished_before: float, limit: int) -> list[str]: ...
+    def delete_jobs(self, job_ids: Sequence[str]) -> int:
+        """Delete terminal jobs with their steps, attempts, events, outputs and tags."""
+        ...
     def jobs_with_cancel_requested(self) -> list[str]: ...
     def queue_depth(self) -> list[tuple[str, str, int]]: ...
     def apply(self, changes: Changes, fence: str | None = None) -> None:

@@ -102,4 +102,32 @@ MIGRATIONS: list[str] = [
         heartbeat_at REAL NOT NULL
     );
     """,
+    # version 2: GPU leases, step keys for the step cache, fair queue order, OOM cooldowns,
+    # the file-hash memo
+    """
+    ALTER TABLE steps ADD COLUMN gpus TEXT;
+    ALTER TABLE steps ADD COLUMN step_key TEXT;
+    ALTER TABLE steps ADD COLUMN cache_ns TEXT NOT NULL DEFAULT '';
+    UPDATE steps SET cache_ns = (SELECT label FROM jobs WHERE jobs.job_id = steps.job_id);
+    CREATE INDEX steps_cache ON steps (step_key, cache_ns, state) WHERE step_key IS NOT NULL;
+    CREATE INDEX steps_owner_queue ON steps (state, owner, priority DESC, seq);
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE cooldowns (
+        group_name TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        job_id TEXT,
+        step_id TEXT,
+        started_at REAL NOT NULL,
+        cooldown_until REAL NOT NULL,
+        throttle_until REAL NOT NULL,
+        throttle_max INTEGER NOT NULL
+    );
+    CREATE TABLE file_hashes (
+        path TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        blake3 TEXT NOT NULL
+    );
+    """,
 ]

@@ -16,7 +16,9 @@ from jobcell.store.base import (
     AttemptRow,
     Changes,
     ConflictError,
+    CooldownRow,
     EventRow,
+    FileHash,
     JobRow,
     LockInfo,
     LockLostError,
@@ -27,14 +29,14 @@ from jobcell.store.base import (
 from jobcell.store.schema import MIGRATIONS
 
 _STEP_FIELDS = frozenset({"state", "attempt", "failures", "exit_code", "not_before", "started_at",
-                          "finished_at", "pid", "error", "memory_mb"})
+                          "finished_at", "pid", "error", "memory_mb", "gpus", "step_key"})
 _JOB_FIELDS = frozenset({"state", "updated_at", "finished_at", "error", "cancel_requested"})
 _JOB_COLUMNS = ("job_id, label, owner, tags, priority, state, spec, spec_hash, created_at, "
                 "updated_at, finished_at, cancel_requested, error")
 _STEP_COLUMNS = ("job_id, step_id, idx, runner, runner_hash, runner_def, params, inputs, "
                  "input_layout, cache, cpu_slots, memory_mb, timeout_s, retries, state, attempt, "
                  "failures, exit_code, not_before, started_at, finished_at, pid, error, priority, "
-                 "owner, seq")
+                 "owner, seq, gpus, step_key, cache_ns")
 _LOCK_NAME = "scheduler"
 
 
@@ -135,7 +137,9 @@ class SQLiteStore:
             failures=row["failures"],
             exit_code=row["exit_code"], not_before=row["not_before"],
             started_at=row["started_at"], finished_at=row["finished_at"], pid=row["pid"],
-            error=row["error"], priority=row["priority"], owner=row["owner"], seq=row["seq"])
+            error=row["error"], priority=row["priority"], owner=row["owner"], seq=row["seq"],
+            gpus=json.loads(row["gpus"]) if row["gpus"] else None, step_key=row["step_key"],
+            cache_ns=row["cache_ns"])
 
     # -- jobs
     def insert_jobs(self, jobs: Sequence[JobRow], events: Sequence[NewEvent]) -> None:
@@ -146,7 +150,7 @@ class SQLiteStore:
         step_rows = [(s.job_id, s.step_id, s.index, s.runner, s.runner_hash,
                       _dumps(s.runner_def), _dumps(s.params), _dumps(s.inputs), s.input_layout,
                       int(s.cache), s.cpu_slots, s.memory_mb, s.timeout_s, s.retries,
-                      str(s.state), s.attempt, s.priority, s.owner)
+                      str(s.state), s.attempt, s.priority, s.owner, s.cache_ns)
                      for j in jobs for s in j.steps]
         with self._tx() as conn:
             conn.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES "
@@ -155,7 +159,8 @@ class SQLiteStore:
             conn.executemany(
                 "INSERT INTO steps (job_id, step_id, idx, runner, runner_hash, runner_def, "
                 "params, inputs, input_layout, cache, cpu_slots, memory_mb, timeout_s, retries, "
-                "state, attempt, priority, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, attempt, priority, owner, cache_ns) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 step_rows)
             self._insert_events(conn, events)
 
@@ -280,15 +285,86 @@ class SQLiteStore:
             "ORDER BY created_at", wanted)
         return [r[0] for r in rows]
 
-    def ready_steps(self, now: float, limit: int,
-                    exclude_runners: Collection[str] = ()) -> list[StepRow]:
+    def ready_steps(self, now: float, limit: int, exclude_runners: Collection[str] = (),
+                    owner: str | None = None) -> list[StepRow]:
         excluded = sorted(exclude_runners)
+        owner_clause = "" if owner is None else "AND owner = ? "
         rows = self._conn().execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE state = 'queued' "
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE state = 'queued' {owner_clause}"
             "AND (not_before IS NULL OR not_before <= ?) "
             f"AND runner NOT IN ({','.join('?' * len(excluded))}) "
-            "ORDER BY priority DESC, seq LIMIT ?", (now, *excluded, limit))
+            "ORDER BY priority DESC, seq LIMIT ?",
+            (*(() if owner is None else (owner,)), now, *excluded, limit))
         return [self._step(r) for r in rows]
+
+    def queued_owners(self) -> list[str]:
+        # A loose index scan: one index seek per owner, not one row visit per queued step.
+        rows = self._conn().execute(
+            "WITH RECURSIVE o(owner) AS ("
+            " SELECT (SELECT min(owner) FROM steps WHERE state = 'queued')"
+            " UNION ALL"
+            " SELECT (SELECT min(owner) FROM steps WHERE state = 'queued' AND owner > o.owner)"
+            " FROM o WHERE o.owner IS NOT NULL"
+            ") SELECT owner FROM o WHERE owner IS NOT NULL")
+        return [r[0] for r in rows]
+
+    def find_cache_twin(self, step_key: str, cache_ns: str,
+                        states: Iterable[StepState]) -> StepRow | None:
+        wanted = [str(s) for s in states]
+        row = self._conn().execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE step_key = ? AND cache_ns = ? "
+            f"AND state IN ({','.join('?' * len(wanted))}) "
+            "ORDER BY coalesce(finished_at, started_at) DESC, seq DESC LIMIT 1",
+            (step_key, cache_ns, *wanted)).fetchone()
+        return self._step(row) if row else None
+
+    def cooldowns(self) -> list[CooldownRow]:
+        rows = self._conn().execute(
+            "SELECT group_name, reason, started_at, cooldown_until, throttle_until, "
+            "throttle_max, job_id, step_id FROM cooldowns ORDER BY group_name")
+        return [CooldownRow(*tuple(r)) for r in rows]
+
+    def file_hash(self, path: str) -> FileHash | None:
+        row = self._conn().execute(
+            "SELECT path, size, mtime_ns, inode, blake3 FROM file_hashes WHERE path = ?",
+            (path,)).fetchone()
+        return FileHash(*tuple(row)) if row else None
+
+    def record_file_hashes(self, rows: Sequence[FileHash]) -> None:
+        if not rows:
+            return
+        with self._tx() as conn:
+            conn.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?,?)",
+                             [(r.path, r.size, r.mtime_ns, r.inode, r.blake3) for r in rows])
+
+    def terminal_jobs_before(self, finished_before: float, limit: int) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT job_id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? "
+            "AND state IN ('succeeded', 'failed', 'cancelled') ORDER BY finished_at LIMIT ?",
+            (finished_before, limit))
+        return [r[0] for r in rows]
+
+    def delete_jobs(self, job_ids: Sequence[str]) -> int:
+        deleted = 0
+        with self._tx() as conn:
+            for job_id in job_ids:
+                cursor = conn.execute(
+                    "DELETE FROM jobs WHERE job_id = ? "
+                    "AND state IN ('succeeded', 'failed', 'cancelled')", (job_id,))
+                if cursor.rowcount != 1:
+                    continue  # gone already, or not terminal: never delete live work
+                deleted += 1
+                for table in ("attempts", "events", "outputs"):
+                    conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+        return deleted
+
+    def forget_file_hashes(self, prefix: str) -> None:
+        # A range on the primary key, so no scan: every path that starts with ``prefix``.
+        if not prefix:
+            return
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        with self._tx() as conn:
+            conn.execute("DELETE FROM file_hashes WHERE path >= ? AND path < ?", (prefix, end))
 
     def jobs_with_cancel_requested(self) -> list[str]:
         rows = self._conn().execute(
@@ -327,6 +403,12 @@ class SQLiteStore:
                 [(o.job_id, o.step_id, o.name, o.path, o.size, o.blake3)
                  for o in changes.outputs])
             self._insert_events(conn, changes.events)
+            conn.executemany(
+                "INSERT OR REPLACE INTO cooldowns (group_name, reason, job_id, step_id, "
+                "started_at, cooldown_until, throttle_until, throttle_max) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                [(c.group, c.reason, c.job_id, c.step_id, c.started_at, c.cooldown_until,
+                  c.throttle_until, c.throttle_max) for c in changes.cooldowns])
 
     @staticmethod
     def _update(conn: sqlite3.Connection, table: str, key_sql: str, key: tuple[Any, ...],
@@ -335,7 +417,8 @@ class SQLiteStore:
         if unknown:
             raise ValueError(f"cannot update {table} column(s) {sorted(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        values = [str(v) if isinstance(v, (JobState, StepState)) else v for v in fields.values()]
+        values = [str(v) if isinstance(v, (JobState, StepState))
+                  else _dumps(v) if isinstance(v, list) else v for v in fields.values()]
         sql = f"UPDATE {table} SET {assignments} WHERE {key_sql}"
         args = [*values, *key]
         if expect is not None:

@@ -1,0 +1,122 @@
+"""The worker's side of the step cache: keys for queued steps, twins, materialising hits.
+
+The pure parts (what a step key is made of, how trees are hashed) live in
+:mod:`jobcell.cache`; this module connects them to the store and the attempt
+directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from jobcell.cache import MemoryHashMemo, link_or_copy_tree, step_key, tree_digest
+from jobcell.home import CellHome
+from jobcell.model.states import StepState
+from jobcell.store import FileHash, OutputRow, StepRow, Store
+
+CACHE_MARKER = ".cache_source.json"  # written first when an attempt directory is a cache copy
+DONE = (StepState.SUCCEEDED, StepState.CACHED)
+
+
+class StoreHashMemo:
+    """File digests remembered in memory and in the store (so a new worker, or a
+    restarted one, does not re-read unchanged inputs)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.memory = MemoryHashMemo()
+        self._pending: list[FileHash] = []
+
+    def lookup(self, path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+        digest = self.memory.lookup(path, size, mtime_ns, inode)
+        if digest is not None:
+            return digest
+        row = self.store.file_hash(path)
+        if row is not None and (row.size, row.mtime_ns, row.inode) == (size, mtime_ns, inode):
+            self.memory.record(path, size, mtime_ns, inode, row.blake3)
+            return row.blake3
+        return None
+
+    def record(self, path: str, size: int, mtime_ns: int, inode: int, digest: str) -> None:
+        self.memory.record(path, size, mtime_ns, inode, digest)
+        self._pending.append(FileHash(path, size, mtime_ns, inode, digest))
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Record a digest computed elsewhere (output registration) for ``path`` as it is."""
+        st = path.stat()
+        self.record(str(path), st.st_size, st.st_mtime_ns, st.st_ino, digest)
+
+    def flush(self) -> None:
+        """Write the digests learnt since the last flush to the store."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.store.record_file_hashes(pending)
+
+
+class StepCache:
+    """Step keys, twin lookup and cache-hit materialisation for one worker."""
+
+    def __init__(self, home: CellHome, store: Store) -> None:
+        self.home = home
+        self.store = store
+        self.memo = StoreHashMemo(store)
+        self._keys: dict[tuple[str, str], str] = {}
+
+    def key(self, step: StepRow, upstream_attempts: Mapping[str, int]) -> str:
+        """The step's content address (computed once per queued step and remembered:
+        the outputs it depends on are read-only once their step succeeded)."""
+        known = step.step_key or self._keys.get((step.job_id, step.step_id))
+        if known is not None:
+            return known
+        digests = [tree_digest(self.output_dir(step.job_id, up, upstream_attempts[up]),
+                               self.memo) for up in step.inputs]
+        key = step_key(runner=step.runner, runner_hash=step.runner_hash, params=step.params,
+                       input_layout=step.input_layout, input_digests=digests)
+        self.memo.flush()
+        self._keys[(step.job_id, step.step_id)] = key
+        return key
+
+    def forget(self, job_id: str, step_id: str) -> None:
+        self._keys.pop((job_id, step_id), None)
+
+    def output_dir(self, job_id: str, step_id: str, attempt: int) -> Path:
+        return self.home.attempt_dir(job_id, step_id, attempt) / "output"
+
+    def done_twin(self, key: str, cache_ns: str) -> StepRow | None:
+        return self.store.find_cache_twin(key, cache_ns, DONE)
+
+    def running_twin(self, key: str, cache_ns: str) -> StepRow | None:
+        return self.store.find_cache_twin(key, cache_ns, [StepState.RUNNING])
+
+    def materialise(self, step: StepRow, twin: StepRow, attempt: int) -> list[OutputRow]:
+        """Link (or copy) the twin's outputs into ``step``'s attempt ``attempt``.
+
+        Files first, then the caller commits: a crash in between leaves a directory
+        marked as a cache copy, which is removed before that attempt is used again.
+        """
+        root = self.home.attempt_dir(step.job_id, step.step_id, attempt)
+        clear_cache_leftover(root)
+        building = root.with_name(root.name + ".caching")
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        (building / CACHE_MARKER).write_text(json.dumps(
+            {"job_id": twin.job_id, "step_id": twin.step_id, "attempt": twin.attempt}),
+            encoding="utf-8")
+        link_or_copy_tree(self.output_dir(twin.job_id, twin.step_id, twin.attempt),
+                          building / "output")
+        os.rename(building, root)  # fails, leaving nothing behind, if root is in the way
+        target = root / "output"
+        rows = [o for o in self.store.outputs(twin.job_id) if o.step_id == twin.step_id]
+        return [OutputRow(step.job_id, step.step_id, o.name, str(target / o.name), o.size,
+                          o.blake3) for o in rows]
+
+
+def clear_cache_leftover(root: Path) -> None:
+    """Remove an attempt directory left by a cache copy that was never committed."""
+    if (root / CACHE_MARKER).exists():
+        shutil.rmtree(root)
+
