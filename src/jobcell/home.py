@@ -61,6 +61,11 @@ class CellHome:
     def wrapper_script(self) -> Path:
         return self.root / "wrapper.sh"
 
+    @property
+    def wake_pipe(self) -> Path:
+        """The named pipe submitters poke to wake the worker (see jobcell.wakeup)."""
+        return self.locks / "wake.fifo"
+
     def job_dir(self, job_id: str) -> Path:
         return self.artifacts / job_id
 

@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobcell import __version__, artifacts
+from jobcell import __version__, artifacts, wakeup
 from jobcell.errors import NotFoundError, QuotaError, SpecError
 from jobcell.home import CellHome, open_home
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
@@ -156,8 +156,10 @@ class Cell:
             self._check_quotas(owner, len(rows))
             if rows:
                 self.store.insert_jobs(rows, events)
-        if rows and self.auto_worker:
-            self.ensure_worker()
+        if rows:
+            wakeup.notify(self.home.wake_pipe)
+            if self.auto_worker:
+                self.ensure_worker()
         return results
 
     @contextlib.contextmanager
@@ -383,6 +385,7 @@ class Cell:
             return {"job_id": job_id, "state": str(job.state), "cancelled": False,
                     "reason": f"the job is already {job.state}"}
         self.store.request_cancel(job_id, time.time())
+        wakeup.notify(self.home.wake_pipe)
         if self.auto_worker:
             self.ensure_worker()
         deadline = time.time() + wait_s

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jobcell import artifacts
+from jobcell import artifacts, wakeup
 from jobcell.errors import JobcellError
 from jobcell.executors.base import Executor, Launch, Phase, Status
 from jobcell.executors.embedded import EmbeddedExecutor, install_wrapper
@@ -117,6 +117,7 @@ class Worker:
         self._cooldowns: dict[str, CooldownRow] = {}
         self._waiting_checked = float("-inf")   # when cache waiters were last settled
         self._last_gc = clock()
+        self._wake_fd: int | None = None
 
     # -- leadership
     def acquire(self) -> None:
@@ -131,6 +132,8 @@ class Worker:
             raise WorkerAlreadyRunning(holder or info)
         self._last_heartbeat = now
         install_wrapper(self.home.wrapper_script)
+        if self._wake_fd is None:
+            self._wake_fd = wakeup.open_listener(self.home.wake_pipe)
 
     def _heartbeat(self, now: float) -> bool:
         if now - self._last_heartbeat < self.settings.worker_heartbeat_ttl_s / 5:
@@ -147,8 +150,11 @@ class Worker:
         self.store.release_lock(self.token)
 
     def request_stop(self, *_: Any) -> None:
-        """Finish the current round, then stop (signal handler)."""
+        """Finish the current round, then stop (signal handler); wakes a waiting worker."""
         self._stop = True
+        if self._wake_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_fd, b"!")
 
     # -- lifecycle
     def recover(self) -> None:
@@ -185,6 +191,9 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 self.release()
+            if self._wake_fd is not None:
+                os.close(self._wake_fd)
+                self._wake_fd = None
 
     def _serve(self, until_idle: bool) -> None:
         while not self._stop:
@@ -205,7 +214,10 @@ class Worker:
                 if self._leave_if_still_idle():
                     return
             elif not did:
-                self.executor.wait(self.settings.poll_interval_s)
+                wake = () if self._wake_fd is None else (self._wake_fd,)
+                self.executor.wait(self.settings.poll_interval_s, wake)
+                if self._wake_fd is not None:
+                    wakeup.drain(self._wake_fd)
 
     def _leave_if_still_idle(self) -> bool:
         """Release the lock; stay on if a job arrived meanwhile.

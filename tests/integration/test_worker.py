@@ -605,3 +605,19 @@ def test_idle_worker_stays_when_a_job_arrives_as_it_leaves(cell: Cell, tools: Pa
     info = cell.store.lock_info()
     assert info is not None and info.token == worker.token
     worker.release()
+
+
+# -- waking the worker ---------------------------------------------------------------------
+
+def test_submit_wakes_an_idle_worker_long_before_its_next_poll(
+        make_cell: Callable[..., Cell], tools: Path) -> None:
+    # With a 60 s poll, only the wake-up pipe can make the worker see the job in time.
+    cell = make_cell(poll_interval_s=60, worker_idle_exit_s=0)
+    register_tool(cell, tools, "ok", ["write", "{output_dir}", "x.txt", "x"])
+    cell.ensure_worker()
+    wait_for(lambda: cell.home.wake_pipe.exists() and cell.worker_status()["alive"], 10,
+             "the worker to listen on its wake-up pipe")
+    wait_for(lambda: cell.store.count_jobs() == 0, 1, "an empty cell")
+    job = cell.submit({"label": "wake", "steps": [{"runner": "ok"}]}).job_id
+    status = cell.wait(job, timeout_s=20, poll_s=0.02)
+    assert status["state"] == "succeeded"

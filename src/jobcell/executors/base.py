@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +61,7 @@ class Executor(Protocol):
         """Stop tracking an attempt whose end has been recorded."""
         ...
 
-    def wait(self, timeout: float) -> None:
-        """Block until some tracked attempt may have changed, or ``timeout`` passes."""
+    def wait(self, timeout: float, wake_fds: Sequence[int] = ()) -> None:
+        """Block until some tracked attempt may have changed, one of ``wake_fds`` is
+        readable, or ``timeout`` passes."""
         ...

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,11 +246,12 @@ class EmbeddedExecutor:
                 os.close(item.pidfd)
                 item.pidfd = None
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, wake_fds: Sequence[int] = ()) -> None:
         self._orphans = [p for p in self._orphans if p.poll() is None]
         fds = [item.pidfd for item in self._tracked.values()
                if item.pidfd is not None and item.process is not None
                and item.process.returncode is None]
+        fds.extend(wake_fds)
         if fds:
             select.select(fds, [], [], timeout)
         elif timeout > 0:
