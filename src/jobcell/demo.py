@@ -1,4 +1,5 @@
-"""The demo: example runners, a small DAG pipeline, progress, results and dedup."""
+"""The demo: example runners, a small DAG pipeline, progress, results, dedup and the
+step cache."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def run_demo(home: Path | None, lines: int) -> int:
         console.print(f"[bold]jobcell demo[/bold] - cell home: {cell.home.root}")
         caps = cell.capabilities()
         console.print(f"capacity: {caps['cpu_slots']} cpu slots ({caps['cpu_source']}), "
-                      f"{caps['memory_mb']} MB memory; executor: {caps['executor_backend']}")
+                      f"{caps['memory_mb']} MB memory, {caps['gpu_count']} GPU(s) "
+                      f"({caps['gpu_source']}); executor: {caps['executor_backend']}")
         console.print("registered runners: " + ", ".join(_install_example_runners(cell)))
         spec = _pipeline(lines)
         console.print("\nsubmitting a pipeline: make_a, make_b -> count_a, count_b -> report")
@@ -83,8 +85,32 @@ def run_demo(home: Path | None, lines: int) -> int:
         console.print(f"\nsubmitting the identical pipeline again -> {same} {again.job_id}, "
                       f"deduplicated={again.deduplicated} (whole-job dedup by spec_hash: "
                       "nothing was re-run)")
+        cached_ok = _show_step_cache(cell, spec)
         console.print(f"\nexplore it: jobcell status {first.job_id} --home {cell.home.root}\n"
                       f"            jobcell events {first.job_id} --home {cell.home.root}\n"
                       f"            jobcell logs {first.job_id} --home {cell.home.root}")
         cell.stop_worker()
-        return 0 if again.deduplicated and again.job_id == first.job_id else 1
+        return 0 if again.deduplicated and again.job_id == first.job_id and cached_ok else 1
+
+
+def _show_step_cache(cell: Cell, spec: dict[str, Any]) -> bool:
+    """Submit the pipeline with only the report changed: every other step is a cache hit."""
+    variant = {**spec, "pipeline": [
+        {**node, "params": {**node.get("params", {}), "top": 3}} if node["id"] == "report"
+        else node for node in spec["pipeline"]]}
+    console.print("\nsubmitting the pipeline with only the report changed (top: 3): the "
+                  "step cache serves every unchanged step from the first job")
+    started = time.time()
+    job = cell.submit(variant)
+    status = cell.wait(job.job_id, timeout_s=300)
+    states = {step["id"]: step["state"] for step in status["steps"]}
+    for step_id, state in states.items():
+        source = next((e for e in cell.events(job.job_id)
+                       if e["kind"] == "step_cached" and e["step"] == step_id), None)
+        how = (f"copied from {source['source_job']}/{source['source_step']}" if source
+               else "ran")
+        console.print(f"  {step_id:<8} {state:<10} {how}")
+    console.print(f"finished in {time.time() - started:.1f} s")
+    unchanged = [step for step in states if step != "report"]
+    return (status["state"] == "succeeded" and states["report"] == "succeeded"
+            and all(states[step] == "cached" for step in unchanged))

@@ -24,9 +24,16 @@ def test_demo(bare_cli: Cli) -> None:
     assert "\x1b[" not in out + demo.stderr
     assert not re.search(r"\b\d+/5\b", out + demo.stderr)
 
-    [job] = bare_cli.json("list")
-    assert job["state"] == "succeeded" and job["label"] == "demo"
+    # The variant with only the report changed: the other four steps are cache hits.
+    variant, job = bare_cli.json("list")          # newest first
+    assert variant["state"] == "succeeded" and job["state"] == "succeeded"
+    assert job["label"] == "demo"
     assert job["job_id"] in out
+    assert len(re.findall(rf"cached +copied from {job['job_id']}/", out)) == 4, out
+    variant_steps = {s["id"]: s["state"] for s in bare_cli.json("status", variant["job_id"])
+                     ["steps"]}
+    assert variant_steps == {"make_a": "cached", "make_b": "cached", "count_a": "cached",
+                             "count_b": "cached", "report": "succeeded"}
     status = bare_cli.json("status", job["job_id"])
     assert len(status["steps"]) == 5
     assert {s["state"] for s in status["steps"]} == {"succeeded"}
