@@ -43,6 +43,7 @@ def iso(timestamp: float | None) -> str | None:
     """A UNIX time as ISO 8601 UTC, or None."""
     if timestamp is None:
         return None
+    timestamp = min(max(timestamp, 0.0), 253402300799.0)  # within years 1970..9999
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
 
@@ -111,6 +112,16 @@ class Cell:
             self._capacity = detect_capacity(s.cpu_slots, s.node_memory_mb, s.memory_reserve_mb,
                                              s.gpu_count)
         return self._capacity
+
+    def _host_capacity(self) -> Capacity:
+        """CPU slots and memory, without running nvidia-smi (cheap, for submit checks)."""
+        if self._capacity is not None:
+            return self._capacity
+        from jobcell.scheduler.capacity import detect_capacity
+
+        s = self.settings
+        return detect_capacity(s.cpu_slots, s.node_memory_mb, s.memory_reserve_mb, s.gpu_count,
+                               detect_gpus=False)
 
     # -- runners
     def runners(self) -> dict[str, RunnerDefinition]:
@@ -205,7 +216,9 @@ class Cell:
         except SpecError as exc:
             raise SpecError(f"job {position}: {exc}" if position else str(exc)) from None
         for step in job.steps:
-            reason = never_fits_reason(self.capacity, step.resources.cpu_slots,
+            # GPUs are detected (nvidia-smi) only when a step needs some.
+            capacity = self.capacity if step.resources.gpus else self._host_capacity()
+            reason = never_fits_reason(capacity, step.resources.cpu_slots,
                                        step.resources.memory_mb, step.resources.gpus)
             if reason is not None:
                 raise SpecError(f"node {step.step_id!r} (runner {step.runner.name!r}) {reason}")

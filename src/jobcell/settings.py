@@ -51,18 +51,21 @@ def _unlimited_or_positive_int(value: Any) -> int | None:
     return _positive_int(value)
 
 
+MAX_DURATION = 100 * 366 * 86400.0  # a century: bigger means "never" and overflows dates
+
+
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError
     number = float(value)
-    if not number > 0:
+    if not 0 < number <= MAX_DURATION:
         raise ValueError
     return number
 
 
 def _non_negative_float(value: Any) -> float:
     number = float(value)
-    if not number >= 0 or isinstance(value, bool):  # "not >=" also rejects NaN
+    if not 0 <= number <= MAX_DURATION or isinstance(value, bool):  # also rejects NaN, inf
         raise ValueError
     return number
 

@@ -7,6 +7,7 @@ directories.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,8 +112,13 @@ class StepCache:
         os.rename(building, root)  # fails, leaving nothing behind, if root is in the way
         target = root / "output"
         rows = [o for o in self.store.outputs(twin.job_id) if o.step_id == twin.step_id]
-        return [OutputRow(step.job_id, step.step_id, o.name, str(target / o.name), o.size,
-                          o.blake3) for o in rows]
+        copies = [OutputRow(step.job_id, step.step_id, o.name, str(target / o.name), o.size,
+                            o.blake3) for o in rows]
+        for copy in copies:  # known digests: downstream keys need not read the files again
+            with contextlib.suppress(OSError):
+                self.memo.remember(Path(copy.path), copy.blake3)
+        self.memo.flush()
+        return copies
 
 
 def clear_cache_leftover(root: Path) -> None:

@@ -118,6 +118,8 @@ class Worker:
         self._waiting_checked = float("-inf")   # when cache waiters were last settled
         self._last_gc = clock()
         self._wake_fd: int | None = None
+        self._last_served: dict[str, int] = {}   # owner -> turn it was last served
+        self._turn = 0
 
     # -- leadership
     def acquire(self) -> None:
@@ -525,7 +527,7 @@ class Worker:
         for row in rows:
             self._runner_groups[row.runner] = self._runner(row).group
         order = fair_order([Queued(i, r.owner, r.priority, r.seq) for i, r in enumerate(rows)],
-                           running)
+                           running, self._last_served)
         return [rows[i] for i in order]  # type: ignore[index]
 
     def _admission_window(self) -> int:
@@ -708,6 +710,8 @@ class Worker:
                            started_at=now, exit_code=None, pid=None, gpus=gpus or None)
             running.append(step)
             self.cache.forget(step.job_id, step.step_id)
+            self._turn += 1
+            self._last_served[step.owner] = self._turn
             changes.steps.append(StepUpdate(step.job_id, step.step_id, {
                 "state": StepState.RUNNING, "attempt": step.attempt, "started_at": now,
                 "exit_code": None, "pid": None, "not_before": None, "gpus": step.gpus,

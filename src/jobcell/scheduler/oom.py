@@ -62,4 +62,5 @@ def raised_memory(current_mb: int, factor: float, capacity_mb: int) -> int:
     rounded up, never above the cell's capacity and never below the current request."""
     if factor <= 1.0:
         return current_mb
-    return max(current_mb, min(math.ceil(current_mb * factor), capacity_mb))
+    # round() first: 100 * 1.1 is 110.00000000000001 in floating point; ceil() alone gives 111.
+    return max(current_mb, min(math.ceil(round(current_mb * factor, 6)), capacity_mb))
