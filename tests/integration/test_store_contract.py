@@ -21,6 +21,8 @@ from jobcell.store import (
     AttemptRow,
     Changes,
     ConflictError,
+    CooldownRow,
+    FileHash,
     JobRow,
     LockInfo,
     LockLostError,
@@ -558,6 +560,106 @@ def test_fenced_apply_commits_only_while_the_token_holds_the_lock(store: Store) 
     assert store.get_job("j1").error is None  # type: ignore[union-attr]
     store.apply(Changes(jobs=[JobUpdate("j1", {"error": "unfenced"})]))   # no fence: applies
     assert store.get_job("j1").error == "unfenced"  # type: ignore[union-attr]
+
+
+# -- scheduler: fair queue, step cache, cooldowns, file-hash memo, garbage collection ---------
+
+def test_queued_owners_and_ready_steps_of_one_owner(store: Store) -> None:
+    insert(store, make_job("a1", owner="alice", steps=2), make_job("b1", owner="bob"),
+           make_job("c1", owner="carol", step_state=StepState.PENDING))
+    assert store.queued_owners() == ["alice", "bob"]
+    assert [s.job_id for s in store.ready_steps(100.0, 10, owner="bob")] == ["b1"]
+    assert len(store.ready_steps(100.0, 10, owner="alice")) == 2
+    assert store.ready_steps(100.0, 10, owner="carol") == []
+    assert store.ready_steps(100.0, 10, exclude_runners={"r"}, owner="alice") == []
+
+
+def test_gpus_step_key_and_cache_namespace_round_trip(store: Store) -> None:
+    job = make_job("g")
+    job.steps[0].cache_ns = "imaging"
+    insert(store, job)
+    step = store.get_job("g").steps[0]  # type: ignore[union-attr]
+    assert (step.gpus, step.step_key, step.cache_ns) == (None, None, "imaging")
+    store.apply(Changes(steps=[StepUpdate("g", "s0", {
+        "state": StepState.RUNNING, "gpus": ["0", "3"], "step_key": "v1:abc"},
+        StepState.QUEUED)]))
+    step = store.get_job("g").steps[0]  # type: ignore[union-attr]
+    assert (step.gpus, step.step_key) == (["0", "3"], "v1:abc")
+    store.apply(Changes(steps=[StepUpdate("g", "s0", {"gpus": None})]))
+    assert store.get_job("g").steps[0].gpus is None  # type: ignore[union-attr]
+
+
+def test_find_cache_twin_by_key_namespace_and_state(store: Store) -> None:
+    jobs = [make_job(j) for j in ("old", "new", "other_ns", "running")]
+    for job in jobs:
+        job.steps[0].cache_ns = "other" if job.job_id == "other_ns" else "lab"
+    insert(store, *jobs)
+    for job_id, state, finished in (("old", StepState.SUCCEEDED, 10.0),
+                                    ("new", StepState.CACHED, 20.0),
+                                    ("other_ns", StepState.SUCCEEDED, 30.0),
+                                    ("running", StepState.RUNNING, None)):
+        store.apply(Changes(steps=[StepUpdate(job_id, "s0", {
+            "state": state, "step_key": "v1:k", "finished_at": finished,
+            "started_at": 5.0})]))
+    done = store.find_cache_twin("v1:k", "lab", [StepState.SUCCEEDED, StepState.CACHED])
+    assert done is not None and done.job_id == "new"      # the most recently finished
+    running = store.find_cache_twin("v1:k", "lab", [StepState.RUNNING])
+    assert running is not None and running.job_id == "running"
+    assert store.find_cache_twin("v1:k", "nowhere", [StepState.SUCCEEDED]) is None
+    assert store.find_cache_twin("v1:other", "lab", [StepState.SUCCEEDED]) is None
+
+
+def test_cooldowns_are_written_with_changes_and_replaced_per_group(store: Store) -> None:
+    insert(store, make_job("j"))
+    first = CooldownRow("gpu-heavy", "OOM", 1.0, 2.0, 3.0, 1, "j", "s0")
+    store.apply(Changes(cooldowns=[first]))
+    assert store.cooldowns() == [first]
+    again = CooldownRow("gpu-heavy", "OOM again", 5.0, 6.0, 7.0, 2)
+    other = CooldownRow("cpu", "OOM", 1.0, 2.0, 3.0, 1)
+    store.apply(Changes(cooldowns=[again, other]))
+    assert store.cooldowns() == [other, again]          # ordered by group name
+
+
+def test_a_fenced_cooldown_is_not_written_without_the_lock(store: Store) -> None:
+    assert store.try_acquire_lock(lock("t1"), 100.0, 15.0)
+    with pytest.raises(LockLostError):
+        store.apply(Changes(cooldowns=[CooldownRow("g", "OOM", 1.0, 2.0, 3.0, 1)]),
+                    fence="not-the-holder")
+    assert store.cooldowns() == []
+
+
+def test_file_hash_memo_record_lookup_replace_and_forget(store: Store) -> None:
+    rows = [FileHash("/cell/artifacts/j1/s/attempt-1/output/a", 3, 10, 7, "d1"),
+            FileHash("/cell/artifacts/j1/s/attempt-1/output/b", 4, 11, 8, "d2"),
+            FileHash("/cell/artifacts/j10/s/attempt-1/output/a", 5, 12, 9, "d3")]
+    store.record_file_hashes(rows)
+    store.record_file_hashes([])
+    assert store.file_hash(rows[0].path) == rows[0]
+    newer = FileHash(rows[0].path, 30, 100, 70, "d9")
+    store.record_file_hashes([newer])
+    assert store.file_hash(rows[0].path) == newer
+    store.forget_file_hashes("/cell/artifacts/j1/")
+    assert store.file_hash(rows[0].path) is None and store.file_hash(rows[1].path) is None
+    assert store.file_hash(rows[2].path) == rows[2]     # j10 is not under j1/
+
+
+def test_terminal_jobs_before_and_delete_jobs_spare_live_work(store: Store) -> None:
+    insert(store, make_job("done_old"), make_job("done_new"), make_job("live"))
+    for job_id, finished in (("done_old", 10.0), ("done_new", 50.0)):
+        store.apply(Changes(jobs=[JobUpdate(job_id, {"state": JobState.SUCCEEDED,
+                                                     "finished_at": finished})]))
+    store.apply(Changes(
+        attempts=[AttemptRow("done_old", "s0", 1, "succeeded", 1.0, 2.0, 0)],
+        outputs=[OutputRow("done_old", "s0", "x", "/p/x", 1, "d")],
+        events=[NewEvent("done_old", "step_succeeded", 2.0, "s0")]))
+    assert store.terminal_jobs_before(20.0, 10) == ["done_old"]
+    assert store.terminal_jobs_before(100.0, 10) == ["done_old", "done_new"]
+    assert store.terminal_jobs_before(100.0, 1) == ["done_old"]
+    assert store.delete_jobs(["done_old", "live", "missing"]) == 1
+    assert store.get_job("done_old") is None
+    assert store.events("done_old") == [] and store.outputs("done_old") == []
+    assert store.attempts("done_old") == []
+    assert store.get_job("live") is not None and store.get_job("done_new") is not None
 
 
 # -- persistence --------------------------------------------------------------------------
