@@ -6,21 +6,24 @@ with equal keys are twins: a completed twin's outputs can be reused
 
 What is in a step key:
 
-- the runner's name and the hash of its definition (``runner_hash``), so a
-  changed command, script or image gives a new key;
+- the runner's name and the hash of its definition without provisioning
+  (``RunnerDefinition.cache_hash``), so a changed command, script, env or
+  image gives a new key;
 - the step's params, as canonical JSON (dict key order does not matter);
 - the input layout (how upstream outputs are presented to the step);
-- the *contents* of each upstream output directory (a tree digest), by
-  position in the step's input list.
+- the *contents* of each upstream output directory (a tree digest), in the
+  order of the step's input list, each named by the path it is staged under
+  (the caller passes ``"<node id>/<digest>"`` where the layout puts a tree
+  under its node id).
 
 What is deliberately not in it:
 
-- node ids, job ids and step names: an identical step in another job or at
-  another place in a DAG is still a twin;
+- the step's own node id, job ids and owners: an identical step in another
+  job or at another place in a DAG is still a twin;
 - cache flags (``cache: false``, ``cacheable: false``): they decide whether
   the key is used, not what it is;
-- provisioning (cpu slots, memory, gpu, timeout, executor): they change how a
-  step runs, not what it computes;
+- provisioning (cpu slots, memory, gpu, timeout, retries, concurrency): they
+  change how a step runs, not what it computes;
 - file metadata other than the executable bit (mtimes, owners, other mode
   bits): a copied tree has the same digest as its original.
 
@@ -217,9 +220,9 @@ def step_key(*, runner: str, runner_hash: str, params: Mapping[str, Any], input_
     """The step key: ``"v1:"`` + BLAKE3 hex of the canonical JSON of what the step computes.
 
     ``input_digests`` are the tree digests of the step's upstream output
-    directories in the order of the step's input list: inputs are positional,
-    node ids are not part of the key. Cache flags and provisioning (cpu,
-    memory, gpu, timeout) are not part of it either; see the module docstring.
+    directories in the order of the step's input list, each prefixed with the
+    path it is staged under when there is one. The step's own node id, cache
+    flags and provisioning are not part of the key; see the module docstring.
     """
     if isinstance(input_digests, str):
         raise TypeError("input_digests must be a sequence of digests, not one string")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jobcell.cache import MemoryHashMemo, link_or_copy_tree, step_key, tree_digest
 from jobcell.home import CellHome
+from jobcell.model.runner import RunnerDefinition
 from jobcell.model.states import StepState
 from jobcell.store import FileHash, OutputRow, StepRow, Store
 
@@ -66,20 +67,38 @@ class StepCache:
         self.store = store
         self.memo = StoreHashMemo(store)
         self._keys: dict[tuple[str, str], str] = {}
+        self._runner_hashes: dict[str, str] = {}   # definition hash -> cache hash
 
-    def key(self, step: StepRow, upstream_attempts: Mapping[str, int]) -> str:
+    def key(self, step: StepRow, runner: RunnerDefinition,
+            upstream_attempts: Mapping[str, int]) -> str:
         """The step's content address (computed once per queued step and remembered:
-        the outputs it depends on are read-only once their step succeeded)."""
+        the outputs it depends on are read-only once their step succeeded).
+
+        Inputs are what the step sees under ``input/``: in the nested layout
+        (pipelines) each upstream tree sits under its node id, so that id is part of
+        the staged path and of the key; in the flat layout (ordered steps) only the
+        contents count. A step without inputs has no layout.
+        """
         known = step.step_key or self._keys.get((step.job_id, step.step_id))
         if known is not None:
             return known
-        digests = [tree_digest(self.output_dir(step.job_id, up, upstream_attempts[up]),
-                               self.memo) for up in step.inputs]
-        key = step_key(runner=step.runner, runner_hash=step.runner_hash, params=step.params,
-                       input_layout=step.input_layout, input_digests=digests)
+        digests = []
+        for up in step.inputs:
+            digest = tree_digest(self.output_dir(step.job_id, up, upstream_attempts[up]),
+                                 self.memo)
+            digests.append(f"{up}/{digest}" if step.input_layout == "nested" else digest)
+        key = step_key(runner=step.runner, runner_hash=self._cache_hash(step, runner),
+                       params=step.params, input_layout=step.input_layout if step.inputs else "",
+                       input_digests=digests)
         self.memo.flush()
         self._keys[(step.job_id, step.step_id)] = key
         return key
+
+    def _cache_hash(self, step: StepRow, runner: RunnerDefinition) -> str:
+        known = self._runner_hashes.get(step.runner_hash)
+        if known is None:
+            known = self._runner_hashes[step.runner_hash] = runner.cache_hash()
+        return known
 
     def forget(self, job_id: str, step_id: str) -> None:
         self._keys.pop((job_id, step_id), None)

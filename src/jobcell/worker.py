@@ -577,7 +577,8 @@ class Worker:
                 remaining.append(step)
                 continue
             try:
-                step.step_key = self.cache.key(step, self._upstream_attempts(step))
+                step.step_key = self.cache.key(step, self._runner(step),
+                                               self._upstream_attempts(step))
             except OSError as exc:
                 print(f"cannot hash the inputs of {step.job_id}/{step.step_id}, running it "
                       f"without the cache: {exc}", file=sys.stderr)

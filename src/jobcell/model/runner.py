@@ -24,6 +24,9 @@ NAME_PATTERN = r"[A-Za-z0-9_.-]+"
 MAX_NAME_LENGTH = 100
 _NAME_RE = re.compile(NAME_PATTERN)
 _CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# Fields that change how a step is run, never what it computes.
+CACHE_NEUTRAL_FIELDS = frozenset({"source", "description", "resources", "concurrency_group",
+                                  "max_concurrent", "retries", "cacheable", "cache_scope"})
 
 
 def check_name(value: str, what: str) -> str:
@@ -150,6 +153,13 @@ class RunnerDefinition(BaseModel):
     def definition_hash(self) -> str:
         """Hash of everything that determines what this runner does."""
         payload = self.model_dump(mode="json", exclude={"source", "description"})
+        return hash_value(payload)
+
+    def cache_hash(self) -> str:
+        """Hash of what determines the runner's *results*: the definition without
+        provisioning and scheduling (resources, concurrency, retries, cache flags).
+        Re-provisioning a runner keeps its step-cache keys."""
+        payload = self.model_dump(mode="json", exclude=CACHE_NEUTRAL_FIELDS)
         return hash_value(payload)
 
 
