@@ -30,11 +30,18 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
                                  *where]),
             ("bench_query.py", ["--jobs", "10000", "--repeat", "50", "--cli-repeat", "3",
                                 *where]),
+            ("bench_admission.py", ["--jobs", "20000", "--rounds", "20", *where]),
+            ("bench_cache_latency.py", ["--submissions", "10", *where]),
+            ("bench_hashing.py", ["--size-mb", "64", "--repeat", "1", "--calls", "200",
+                                  *where]),
         ]
     return [
         ("bench_throughput.py", ["--slots", "8", "16", *where]),
         ("bench_submit.py", where),
         ("bench_query.py", where),
+        ("bench_admission.py", where),
+        ("bench_cache_latency.py", where),
+        ("bench_hashing.py", where),
     ]
 
 

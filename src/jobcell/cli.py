@@ -370,10 +370,11 @@ def gc(home: Path | None, as_json: bool, older_than: float | None, dry_run: bool
         print_json(report)
         return
     verb = "would remove" if dry_run else "removed"
-    _out().console.print(
-        f"{verb} {report['jobs_removed']} job(s) finished more than "
-        f"{report['older_than_days']:g} day(s) ago and {report['orphan_dirs_removed']} "
-        f"orphaned artifact folder(s); {report['bytes_freed']:,} bytes")
+    age = report["older_than_days"]
+    jobs = (f"{report['jobs_removed']} job(s) finished more than {age:g} day(s) ago"
+            if age is not None else "no jobs (gc_max_age_days is 0: keep forever)")
+    _out().console.print(f"{verb} {jobs} and {report['orphan_dirs_removed']} orphaned "
+                         f"artifact folder(s); {report['bytes_freed']:,} bytes")
 
 
 @main.group()

@@ -29,7 +29,8 @@ class GcReport:
 
     def to_dict(self) -> dict[str, object]:
         return {"jobs_removed": len(self.jobs), "job_ids": self.jobs,
-                "orphan_dirs_removed": len(self.orphan_dirs), "bytes_freed": self.bytes_freed,
+                "orphan_dirs_removed": len(self.orphan_dirs), "orphan_dirs": self.orphan_dirs,
+                "bytes_freed": self.bytes_freed,
                 "dry_run": self.dry_run}
 
 
@@ -47,27 +48,27 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def collect(home: CellHome, store: Store, max_age_days: float, now: float, *,
+def collect(home: CellHome, store: Store, max_age_days: float | None, now: float, *,
             dry_run: bool = False) -> GcReport:
-    """Remove terminal jobs that finished more than ``max_age_days`` ago (0: none)."""
+    """Remove terminal jobs that finished more than ``max_age_days`` ago (None: keep them
+    all; 0: every finished job), and artifact folders whose job is gone."""
     report = GcReport(dry_run=dry_run)
-    if max_age_days > 0:
+    if max_age_days is not None:
         cutoff = now - max_age_days * 86400.0
-        while True:
-            batch = [j for j in store.terminal_jobs_before(cutoff, BATCH)
-                     if j not in report.jobs]
+        if dry_run:
+            report.jobs = store.terminal_jobs_before(cutoff, 2**62)
+            report.bytes_freed = sum(tree_size(home.artifacts / j) for j in report.jobs)
+        while not dry_run:
+            batch = store.terminal_jobs_before(cutoff, BATCH)
             if not batch:
                 break
             for job_id in batch:
                 report.bytes_freed += tree_size(home.artifacts / job_id)
             report.jobs.extend(batch)
-            if dry_run:
-                continue
             store.delete_jobs(batch)
             for job_id in batch:
                 _remove_artifacts(home, store, job_id)
-    if not dry_run:
-        report.orphan_dirs = _remove_orphans(home, store, report)
+    report.orphan_dirs = _orphans(home, store, report, remove=not dry_run)
     return report
 
 
@@ -76,21 +77,23 @@ def _remove_artifacts(home: CellHome, store: Store, job_id: str) -> None:
     store.forget_file_hashes(f"{home.artifacts / job_id}{os.sep}")
 
 
-def _remove_orphans(home: CellHome, store: Store, report: GcReport) -> list[str]:
+def _orphans(home: CellHome, store: Store, report: GcReport, remove: bool) -> list[str]:
     """Artifact directories whose job is gone (a collection interrupted after the rows).
 
     Attempt directories are created only by the worker, after their job's row was
     committed, so a directory without a row was left behind by a deletion.
     """
-    removed: list[str] = []
+    found: list[str] = []
     try:
         entries = list(os.scandir(home.artifacts))
     except OSError:
-        return removed
+        return found
     for entry in entries:
-        if not entry.is_dir(follow_symlinks=False) or store.get_job(entry.name, False):
+        if (not entry.is_dir(follow_symlinks=False) or entry.name in report.jobs
+                or store.get_job(entry.name, False)):
             continue
         report.bytes_freed += tree_size(Path(entry.path))
-        _remove_artifacts(home, store, entry.name)
-        removed.append(entry.name)
-    return removed
+        if remove:
+            _remove_artifacts(home, store, entry.name)
+        found.append(entry.name)
+    return found

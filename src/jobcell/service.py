@@ -495,9 +495,12 @@ class Cell:
         ``gc_max_age_days``) with their artifacts; ``dry_run`` only reports them."""
         from jobcell import retention
 
-        age = self.settings.gc_max_age_days if older_than_days is None else older_than_days
-        if not age >= 0:  # also NaN
-            raise SpecError(f"--older-than must be a non-negative number of days, got {age}")
+        if older_than_days is not None and not 0 <= older_than_days < float("inf"):
+            raise SpecError("--older-than must be a non-negative number of days, got "
+                            f"{older_than_days}")
+        # The option's 0 means "keep forever"; an explicit --older-than 0 means "all".
+        age = (older_than_days if older_than_days is not None
+               else self.settings.gc_max_age_days or None)
         report = retention.collect(self.home, self.store, age, time.time(), dry_run=dry_run)
         return {**report.to_dict(), "older_than_days": age}
 

@@ -106,6 +106,18 @@ class StepCache:
     def output_dir(self, job_id: str, step_id: str, attempt: int) -> Path:
         return self.home.attempt_dir(job_id, step_id, attempt) / "output"
 
+    def known_key(self, step: StepRow) -> str | None:
+        """The step's key when it is already known (no upstream reads needed)."""
+        return step.step_key or self._keys.get((step.job_id, step.step_id))
+
+    def done_twins(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], StepRow]:
+        """Finished twins for many (key, namespace) pairs in one query."""
+        return self.store.find_cache_twins(pairs, DONE) if pairs else {}
+
+    def running_twins(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], StepRow]:
+        """Running twins for many (key, namespace) pairs in one query."""
+        return self.store.find_cache_twins(pairs, [StepState.RUNNING]) if pairs else {}
+
     def done_twin(self, key: str, cache_ns: str) -> StepRow | None:
         return self.store.find_cache_twin(key, cache_ns, DONE)
 

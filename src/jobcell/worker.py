@@ -521,7 +521,8 @@ class Worker:
             rows = self.store.ready_steps(now, window, excluded)
         else:
             owners = sorted(owners, key=lambda o: running[o])[:window]
-            per_owner = max(1, min(window, 4 * window // len(owners)))
+            # Each owner's fair share of the window, plus one in case a share is short.
+            per_owner = min(window, -(-window // len(owners)) + 1)
             rows = [row for owner in owners
                     for row in self.store.ready_steps(now, per_owner, excluded, owner=owner)]
         for row in rows:
@@ -571,31 +572,35 @@ class Worker:
         changes = Changes()
         remaining: list[StepRow] = []
         followers: list[StepRow] = []
-        leaders: set[tuple[str, str]] = set()
+        keyed: list[StepRow] = []
         for step in queue:
             if not step.cache:
                 remaining.append(step)
                 continue
             try:
-                step.step_key = self.cache.key(step, self._runner(step),
-                                               self._upstream_attempts(step))
+                step.step_key = self.cache.known_key(step) or self.cache.key(
+                    step, self._runner(step), self._upstream_attempts(step))
             except OSError as exc:
                 print(f"cannot hash the inputs of {step.job_id}/{step.step_id}, running it "
                       f"without the cache: {exc}", file=sys.stderr)
                 remaining.append(step)
                 continue
-            if (step.step_key, step.cache_ns) in leaders:
+            keyed.append(step)
+        pairs = {(step.step_key or "", step.cache_ns) for step in keyed}
+        done = self.cache.done_twins(pairs)
+        running = self.cache.running_twins(pairs - set(done))
+        leaders: set[tuple[str, str]] = set()
+        for step in keyed:
+            pair = (step.step_key or "", step.cache_ns)
+            if pair in leaders:
                 followers.append(step)
+            elif pair in done and self._copy_twin(changes, step, done[pair], now):
                 continue
-            done = self.cache.done_twin(step.step_key, step.cache_ns)
-            if done is not None and self._copy_twin(changes, step, done, now):
-                continue
-            running = self.cache.running_twin(step.step_key, step.cache_ns)
-            if running is not None:
-                self._wait_for(changes, step, running, now)
-                continue
-            leaders.add((step.step_key, step.cache_ns))
-            remaining.append(step)
+            elif pair in running:
+                self._wait_for(changes, step, running[pair], now)
+            else:
+                leaders.add(pair)
+                remaining.append(step)
         if changes:
             self._commit(changes)
         return remaining, followers, bool(changes)
@@ -682,7 +687,8 @@ class Worker:
         from jobcell import retention
 
         try:
-            retention.collect(self.home, self.store, self.settings.gc_max_age_days, now)
+            retention.collect(self.home, self.store, self.settings.gc_max_age_days or None,
+                              now)
         except (OSError, JobcellError) as exc:
             print(f"garbage collection failed: {exc}", file=sys.stderr)
 

@@ -51,6 +51,8 @@ class SQLiteStore:
         self.path = str(path)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
+        self._runner_defs: dict[str, dict[str, Any]] = {}   # treat as read-only
+        self._runner_texts: dict[str, str] = {}
         self._migrate()
 
     # -- connections and transactions
@@ -125,11 +127,23 @@ class SQLiteStore:
             finished_at=row["finished_at"], cancel_requested=bool(row["cancel_requested"]),
             error=row["error"])
 
-    @staticmethod
-    def _step(row: sqlite3.Row) -> StepRow:
+    def _runner_def(self, runner_hash: str, text: str) -> dict[str, Any]:
+        # Every step of a runner version carries the same definition: parse it once.
+        parsed = self._runner_defs.get(runner_hash)
+        if parsed is None or self._runner_texts.get(runner_hash) != text:
+            parsed = json.loads(text)
+            if len(self._runner_defs) > 1024:
+                self._runner_defs.clear()
+                self._runner_texts.clear()
+            self._runner_defs[runner_hash] = parsed
+            self._runner_texts[runner_hash] = text
+        return parsed
+
+    def _step(self, row: sqlite3.Row) -> StepRow:
         return StepRow(
             job_id=row["job_id"], step_id=row["step_id"], index=row["idx"], runner=row["runner"],
-            runner_hash=row["runner_hash"], runner_def=json.loads(row["runner_def"]),
+            runner_hash=row["runner_hash"],
+            runner_def=self._runner_def(row["runner_hash"], row["runner_def"]),
             params=json.loads(row["params"]), inputs=json.loads(row["inputs"]),
             input_layout=row["input_layout"], cache=bool(row["cache"]),
             cpu_slots=row["cpu_slots"], memory_mb=row["memory_mb"], timeout_s=row["timeout_s"],
@@ -317,6 +331,27 @@ class SQLiteStore:
             "ORDER BY coalesce(finished_at, started_at) DESC, seq DESC LIMIT 1",
             (step_key, cache_ns, *wanted)).fetchone()
         return self._step(row) if row else None
+
+    def find_cache_twins(self, keys: Collection[tuple[str, str]],
+                         states: Iterable[StepState]) -> dict[tuple[str, str], StepRow]:
+        wanted = [str(s) for s in states]
+        found: dict[tuple[str, str], StepRow] = {}
+        pairs = sorted(set(keys))
+        for start in range(0, len(pairs), 200):
+            chunk = pairs[start:start + 200]
+            marks = ",".join("(?,?)" for _ in chunk)
+            # "step_key IN" first: it is what makes SQLite use the steps_cache index.
+            rows = self._conn().execute(
+                f"SELECT {_STEP_COLUMNS} FROM steps WHERE seq IN ("
+                f" SELECT max(seq) FROM steps WHERE step_key IN ({','.join('?' * len(chunk))})"
+                f" AND (step_key, cache_ns) IN (VALUES {marks})"
+                f" AND state IN ({','.join('?' * len(wanted))})"
+                " GROUP BY step_key, cache_ns)",
+                [*(key for key, _ns in chunk), *(v for pair in chunk for v in pair), *wanted])
+            for row in rows:
+                step = self._step(row)
+                found[(step.step_key or "", step.cache_ns)] = step
+        return found
 
     def cooldowns(self) -> list[CooldownRow]:
         rows = self._conn().execute(
