@@ -26,6 +26,7 @@ class GcReport:
     orphan_dirs: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     dry_run: bool = False
+    more: bool = False       # stopped after ``max_batches``: more old jobs are left
 
     def to_dict(self) -> dict[str, object]:
         return {"jobs_removed": len(self.jobs), "job_ids": self.jobs,
@@ -49,16 +50,26 @@ def tree_size(path: Path) -> int:
 
 
 def collect(home: CellHome, store: Store, max_age_days: float | None, now: float, *,
-            dry_run: bool = False) -> GcReport:
+            dry_run: bool = False, max_batches: int | None = None) -> GcReport:
     """Remove terminal jobs that finished more than ``max_age_days`` ago (None: keep them
-    all; 0: every finished job), and artifact folders whose job is gone."""
+    all; 0: every finished job), and artifact folders whose job is gone.
+
+    With ``max_batches`` (the worker) at most that many batches of ``BATCH`` jobs go
+    per call, so a long backlog never holds up a scheduling round; ``more`` then says
+    to call again. Orphaned folders are looked for once the backlog is done.
+    """
     report = GcReport(dry_run=dry_run)
     if max_age_days is not None:
         cutoff = now - max_age_days * 86400.0
         if dry_run:
             report.jobs = store.terminal_jobs_before(cutoff, 2**62)
             report.bytes_freed = sum(tree_size(home.artifacts / j) for j in report.jobs)
+        batches = 0
         while not dry_run:
+            if max_batches is not None and batches >= max_batches:
+                report.more = True
+                return report
+            batches += 1
             batch = store.terminal_jobs_before(cutoff, BATCH)
             if not batch:
                 break
@@ -84,12 +95,13 @@ def _orphans(home: CellHome, store: Store, report: GcReport, remove: bool) -> li
     committed, so a directory without a row was left behind by a deletion.
     """
     found: list[str] = []
+    collected = set(report.jobs)
     try:
         entries = list(os.scandir(home.artifacts))
     except OSError:
         return found
     for entry in entries:
-        if (not entry.is_dir(follow_symlinks=False) or entry.name in report.jobs
+        if (not entry.is_dir(follow_symlinks=False) or entry.name in collected
                 or store.get_job(entry.name, False)):
             continue
         report.bytes_freed += tree_size(Path(entry.path))

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from jobcell.cache import MemoryHashMemo, link_or_copy_tree, step_key, tree_digest
+from jobcell.cache import MemoryHashMemo, file_digest, link_or_copy_tree, step_key, tree_digest
 from jobcell.home import CellHome
 from jobcell.model.runner import RunnerDefinition
 from jobcell.model.states import StepState
@@ -22,6 +22,10 @@ from jobcell.store import FileHash, OutputRow, StepRow, Store
 
 CACHE_MARKER = ".cache_source.json"  # written first when an attempt directory is a cache copy
 DONE = (StepState.SUCCEEDED, StepState.CACHED)
+
+
+class StaleTwin(OSError):
+    """A finished twin whose outputs can no longer be reused as they were registered."""
 
 
 class StoreHashMemo:
@@ -127,22 +131,34 @@ class StepCache:
     def materialise(self, step: StepRow, twin: StepRow, attempt: int) -> list[OutputRow]:
         """Link (or copy) the twin's outputs into ``step``'s attempt ``attempt``.
 
-        Files first, then the caller commits: a crash in between leaves a directory
-        marked as a cache copy, which is removed before that attempt is used again.
+        The copy must match the twin's registered outputs exactly (names, sizes and
+        BLAKE3, checked through the memo, which re-reads a file whose mtime changed):
+        a twin whose files were changed in place or are being deleted is no twin.
+        Raises :class:`StaleTwin` (an OSError) then. Files first, then the caller
+        commits: a crash in between leaves a directory marked as a cache copy, which is
+        removed before that attempt is used again.
         """
+        rows = [o for o in self.store.outputs(twin.job_id) if o.step_id == twin.step_id]
         root = self.home.attempt_dir(step.job_id, step.step_id, attempt)
         clear_cache_leftover(root)
         building = root.with_name(root.name + ".caching")
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(parents=True)
-        (building / CACHE_MARKER).write_text(json.dumps(
-            {"job_id": twin.job_id, "step_id": twin.step_id, "attempt": twin.attempt}),
-            encoding="utf-8")
-        link_or_copy_tree(self.output_dir(twin.job_id, twin.step_id, twin.attempt),
-                          building / "output")
+        try:
+            (building / CACHE_MARKER).write_text(json.dumps(
+                {"job_id": twin.job_id, "step_id": twin.step_id, "attempt": twin.attempt}),
+                encoding="utf-8")
+            try:
+                link_or_copy_tree(self.output_dir(twin.job_id, twin.step_id, twin.attempt),
+                                  building / "output")
+            except ValueError as exc:  # a fifo, socket or device among the outputs
+                raise StaleTwin(str(exc)) from None
+            self._verify(building / "output", rows)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
         os.rename(building, root)  # fails, leaving nothing behind, if root is in the way
         target = root / "output"
-        rows = [o for o in self.store.outputs(twin.job_id) if o.step_id == twin.step_id]
         copies = [OutputRow(step.job_id, step.step_id, o.name, str(target / o.name), o.size,
                             o.blake3) for o in rows]
         for copy in copies:  # known digests: downstream keys need not read the files again
@@ -151,6 +167,17 @@ class StepCache:
         self.memo.flush()
         return copies
 
+    def _verify(self, output_dir: Path, rows: list[OutputRow]) -> None:
+        expected = {o.name: o for o in rows}
+        found = {str(path.relative_to(output_dir)) for path in output_dir.rglob("*")
+                 if path.is_file() and not path.is_symlink()}
+        if found != set(expected):
+            raise StaleTwin(f"its files {sorted(found)} are not its registered outputs "
+                            f"{sorted(expected)}")
+        for name, row in expected.items():
+            path = output_dir / name
+            if path.stat().st_size != row.size or file_digest(path, self.memo) != row.blake3:
+                raise StaleTwin(f"its output {name!r} changed after it was registered")
 
 def clear_cache_leftover(root: Path) -> None:
     """Remove an attempt directory left by a cache copy that was never committed."""

@@ -46,7 +46,7 @@ from jobcell.model.runner import (
 )
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
 from jobcell.scheduler import oom
-from jobcell.scheduler.admission import GroupLimit, Lease, Request, admit, group_cap
+from jobcell.scheduler.admission import GroupLimit, Lease, Request, admit, never_fits_reason
 from jobcell.scheduler.capacity import Capacity, detect_capacity
 from jobcell.scheduler.fairness import Queued, fair_order
 from jobcell.settings import Settings, load_settings
@@ -110,7 +110,8 @@ class Worker:
         self._cancelling: set[str] = set()
         self._touched: set[str] = set()
         self._runner_cache: dict[str, RunnerDefinition] = {}
-        self._runner_groups: dict[str, str] = {}   # runner name -> concurrency group
+        # runner name -> (concurrency group, its max_concurrent), as last seen
+        self._runner_groups: dict[str, tuple[str, int | None]] = {}
         self._stop = False
         self._last_heartbeat = 0.0
         self._idle_since: float | None = None
@@ -120,6 +121,7 @@ class Worker:
         self._wake_fd: int | None = None
         self._last_served: dict[str, int] = {}   # owner -> turn it was last served
         self._turn = 0
+        self._gpu_warned: set[str] = set()
 
     # -- leadership
     def acquire(self) -> None:
@@ -520,13 +522,15 @@ class Worker:
         if len(owners) <= 1:
             rows = self.store.ready_steps(now, window, excluded)
         else:
-            owners = sorted(owners, key=lambda o: running[o])[:window]
+            owners = sorted(owners, key=lambda o: (running[o], self._last_served.get(o, -1))
+                            )[:window]
             # Each owner's fair share of the window, plus one in case a share is short.
             per_owner = min(window, -(-window // len(owners)) + 1)
             rows = [row for owner in owners
                     for row in self.store.ready_steps(now, per_owner, excluded, owner=owner)]
         for row in rows:
-            self._runner_groups[row.runner] = self._runner(row).group
+            runner = self._runner(row)
+            self._runner_groups[row.runner] = (runner.group, runner.max_concurrent)
         order = fair_order([Queued(i, r.owner, r.priority, r.seq) for i, r in enumerate(rows)],
                            running, self._last_served)
         return [rows[i] for i in order]  # type: ignore[index]
@@ -550,19 +554,22 @@ class Worker:
         of them would keep every other runner's steps out of it.
         """
         running: Counter[str] = Counter()
-        caps: dict[str, int] = {}
         for step in self._running.values():
             runner = self._runner(step)
-            self._runner_groups[step.runner] = runner.group
+            self._runner_groups[step.runner] = (runner.group, runner.max_concurrent)
             running[runner.group] += 1
-            cap = group_cap(self._request("", step), limits.get(runner.group))
-            if cap is not None:
-                caps[runner.group] = cap
-        full = {group for group, cap in caps.items() if running[group] >= cap}
-        full |= {group for group, limit in limits.items()
-                 if limit.blocked or (limit.max_concurrent is not None
-                                      and running[group] >= limit.max_concurrent)}
-        return {name for name, group in self._runner_groups.items() if group in full}
+        saturated = set()
+        for name, (group, own_cap) in self._runner_groups.items():
+            limit = limits.get(group)
+            if limit is not None and limit.blocked:
+                saturated.add(name)
+                continue
+            # Each runner by its own cap: a group's runners may declare different ones.
+            caps = [c for c in (own_cap, limit.max_concurrent if limit else None)
+                    if c is not None]
+            if caps and running[group] >= min(caps):
+                saturated.add(name)
+        return saturated
 
     # -- the step cache
     def _resolve_cache(self, queue: list[StepRow], now: float
@@ -580,7 +587,7 @@ class Worker:
             try:
                 step.step_key = self.cache.known_key(step) or self.cache.key(
                     step, self._runner(step), self._upstream_attempts(step))
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 print(f"cannot hash the inputs of {step.job_id}/{step.step_id}, running it "
                       f"without the cache: {exc}", file=sys.stderr)
                 remaining.append(step)
@@ -588,7 +595,7 @@ class Worker:
             keyed.append(step)
         pairs = {(step.step_key or "", step.cache_ns) for step in keyed}
         done = self.cache.done_twins(pairs)
-        running = self.cache.running_twins(pairs - set(done))
+        running = self.cache.running_twins(pairs)
         leaders: set[tuple[str, str]] = set()
         for step in keyed:
             pair = (step.step_key or "", step.cache_ns)
@@ -687,8 +694,11 @@ class Worker:
         from jobcell import retention
 
         try:
-            retention.collect(self.home, self.store, self.settings.gc_max_age_days or None,
-                              now)
+            report = retention.collect(self.home, self.store,
+                                       self.settings.gc_max_age_days or None, now,
+                                       max_batches=1)
+            if report.more:
+                self._last_gc = now - interval + 1.0  # the rest a second later, in turns
         except (OSError, JobcellError) as exc:
             print(f"garbage collection failed: {exc}", file=sys.stderr)
 
@@ -699,13 +709,23 @@ class Worker:
         changes = Changes()
         for key, reason in never_fits:
             step = by_key[key]
+            if never_fits_reason(self.capacity, step.cpu_slots, step.memory_mb) is None:
+                # Only the GPUs are short. Submit checked them, so this worker sees fewer
+                # than the cell had (a narrowed CUDA_VISIBLE_DEVICES, a failed nvidia-smi):
+                # the step waits for a worker that sees them instead of failing.
+                if key not in self._gpu_warned:
+                    self._gpu_warned.add(key)
+                    print(f"{key} {reason}; it stays queued (GPUs detected: "
+                          f"{self.capacity.gpu_source})", file=sys.stderr)
+                continue
             changes.steps.append(StepUpdate(step.job_id, step.step_id, {
                 "state": StepState.FAILED, "finished_at": now,
                 "error": f"can never run on this cell: {reason}"}, StepState.QUEUED))
             changes.events.append(NewEvent(step.job_id, "step_failed", now, step.step_id,
                                            {"reason": reason, "final": True}))
             self._touched.add(step.job_id)
-        self._commit(changes)
+        if changes:
+            self._commit(changes)
 
     def _start(self, steps: list[StepRow], now: float,
                devices: Mapping[str, tuple[str, ...]]) -> None:
@@ -777,6 +797,7 @@ class Worker:
         if self.capacity.gpus or step.gpus:
             # Exactly the leased devices; none at all for a step that leased none.
             extra["CUDA_VISIBLE_DEVICES"] = ",".join(step.gpus or ())
+            extra["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number devices as nvidia-smi does
             extra["JOBCELL_GPU_DEVICES"] = extra["CUDA_VISIBLE_DEVICES"]
         env = runner_environment(runner, os.environ, extra)
         return Launch(key, attempt_dir, tuple(runner_argv(runner, values)), env)

@@ -56,16 +56,30 @@ def assert_within_limits(capacity: Capacity, leases: Sequence[Lease],
 
 def assert_greedy(capacity: Capacity, held: Sequence[Lease], queue: Sequence[Request],
                   decision: Decision) -> None:
-    """A request left waiting really could not start now (no idle capacity is wasted)."""
+    """A request left waiting really could not start now: its group is full, or it does
+    not fit beside the reservation of the first request that was blocked for room."""
     free_cpu = capacity.cpu_slots - sum(x.cpu_slots for x in held)
     free_memory = capacity.memory_mb - sum(x.memory_mb for x in held)
     running = Counter(x.group for x in held)
-    skipped = set(decision.admit) | {key for key, _ in decision.never_fits}
+    admitted = set(decision.admit)
+    impossible = {key for key, _ in decision.never_fits}
+    reserved: Request | None = None
     for r in queue:
-        if r.key in skipped:
+        if r.key in impossible:
             continue
         group_full = r.max_concurrent is not None and running[r.group] >= r.max_concurrent
-        assert group_full or r.cpu_slots > free_cpu or r.memory_mb > free_memory, r
+        room_cpu = free_cpu - (reserved.cpu_slots if reserved else 0)
+        room_memory = free_memory - (reserved.memory_mb if reserved else 0)
+        fits = ((r.cpu_slots == 0 or r.cpu_slots <= room_cpu)
+                and (r.memory_mb == 0 or r.memory_mb <= room_memory))
+        if r.key in admitted:
+            free_cpu -= r.cpu_slots
+            free_memory -= r.memory_mb
+            running[r.group] += 1
+            continue
+        assert group_full or not fits, r
+        if not group_full and reserved is None:
+            reserved = r
 
 
 # --- examples ----------------------------------------------------------------------------
@@ -82,9 +96,24 @@ def test_existing_leases_count() -> None:
 
 
 def test_memory_limits_too() -> None:
+    decision = admit(Capacity(8, 1000), [lease("x", memory=600)],
+                     [request("a", memory=300), request("b", memory=300)])
+    assert decision.admit == ("a",)
+
+
+def test_a_blocked_request_reserves_what_it_waits_for() -> None:
+    # "big" cannot start yet; the small one behind it would take the memory it waits
+    # for, so it waits too (no starvation of big steps by a stream of small ones).
     decision = admit(Capacity(8, 1000), [lease("x", memory=700)],
-                     [request("a", memory=400), request("b", memory=300)])
-    assert decision.admit == ("b",), "a big request is skipped, a smaller one behind it runs"
+                     [request("big", memory=400), request("small", memory=300)])
+    assert decision.admit == ()
+
+
+def test_requests_that_fit_beside_the_reservation_still_start() -> None:
+    decision = admit(Capacity(4, 1000), [lease("x", cpu=2, memory=100)],
+                     [request("big", cpu=3, memory=100), request("no-cpu", cpu=0, memory=100),
+                      request("one-cpu", cpu=1, memory=100)])
+    assert decision.admit == ("no-cpu",)
 
 
 def test_group_max_concurrent() -> None:
@@ -358,7 +387,8 @@ def replay(capacity: Capacity, held: Sequence[Lease], queue: Sequence[Request],
            limits: dict[str, GroupLimit], decision: Decision) -> None:
     """Walk the queue in order as admission should: each request is admitted exactly
     when it can ever fit, its group is neither blocked nor at its cap, and it fits the
-    resources still free at that point, and then it gets the free devices it asks for."""
+    resources still free at that point beyond what the first blocked request reserved,
+    and then it gets the free devices it asks for."""
     admitted = set(decision.admit)
     impossible = {key for key, _ in decision.never_fits}
     free_cpu = capacity.cpu_slots - sum(x.cpu_slots for x in held)
@@ -366,22 +396,30 @@ def replay(capacity: Capacity, held: Sequence[Lease], queue: Sequence[Request],
     taken = {device for x in held for device in x.gpus}
     free_gpus = [gpu.index for gpu in capacity.gpus if gpu.index not in taken]
     running = Counter(x.group for x in held)
+    reserved = (0, 0, 0)
+    reserving = False
     for r in queue:
         too_big = (r.cpu_slots > capacity.cpu_slots or r.memory_mb > capacity.memory_mb
                    or r.gpus > capacity.gpu_count)
         assert (r.key in impossible) == too_big, r
         limit = limits.get(r.group)
         cap = group_cap(r, limit)
-        startable = (not too_big and not (limit is not None and limit.blocked)
-                     and (cap is None or running[r.group] < cap)
-                     and r.cpu_slots <= free_cpu and r.memory_mb <= free_memory
-                     and r.gpus <= len(free_gpus))
+        allowed = (not too_big and not (limit is not None and limit.blocked)
+                   and (cap is None or running[r.group] < cap))
+        fits = ((r.cpu_slots == 0 or r.cpu_slots <= free_cpu - reserved[0])
+                and (r.memory_mb == 0 or r.memory_mb <= free_memory - reserved[1])
+                and (r.gpus == 0 or r.gpus <= len(free_gpus) - reserved[2]))
+        startable = allowed and fits
         assert (r.key in admitted) == startable, (r, free_cpu, free_memory, free_gpus)
+        if allowed and not fits and not reserving:
+            reserving, reserved = True, (r.cpu_slots, r.memory_mb, r.gpus)
         if not startable:
             continue
         got = decision.devices.get(r.key, ())
         assert r.gpus <= len(got) <= r.gpus + r.optional_gpus
-        assert len(got) == min(r.gpus + r.optional_gpus, len(free_gpus)), "optional GPUs"
+        assert len(got) == r.gpus + max(0, min(r.optional_gpus,
+                                               len(free_gpus) - reserved[2] - r.gpus)), \
+            "optional GPUs"
         assert set(got) <= set(free_gpus), "only devices free at that point"
         free_gpus = [device for device in free_gpus if device not in got]
         free_cpu -= r.cpu_slots

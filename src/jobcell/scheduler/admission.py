@@ -77,9 +77,21 @@ def group_cap(request: Request, limit: GroupLimit | None) -> int | None:
     return min(caps) if caps else None
 
 
+def _short(need: int, free: int, reserved: int) -> bool:
+    """Whether ``need`` of a resource is not available beside the reservation (needing
+    none never is)."""
+    return need > 0 and need > free - reserved
+
+
 def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request],
           limits: Mapping[str, GroupLimit] | None = None) -> Decision:
-    """Greedy admission in queue order; a step that does not fit now is skipped.
+    """Admission in queue order, with one reservation.
+
+    The first request that is allowed to start but does not fit what is free now
+    *reserves* what it needs: later requests start only in what is left beyond that
+    reservation. So a large step at the head of the fair order is not starved by a
+    stream of small ones behind it (they can no longer take every slot it waits
+    for), while requests that fit beside it still start.
 
     Never over-commits: after admission the sum of leased CPU slots and memory stays
     within capacity, no GPU device is leased twice, a group never exceeds its
@@ -92,6 +104,7 @@ def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request],
     held = {device for lease in leases for device in lease.gpus}
     free_gpus = [gpu.index for gpu in capacity.gpus if gpu.index not in held]
     running = Counter(lease.group for lease in leases)
+    reserved: Request | None = None
     admitted: list[str] = []
     devices: dict[str, tuple[str, ...]] = {}
     impossible: list[tuple[str, str]] = []
@@ -107,10 +120,15 @@ def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request],
         cap = group_cap(request, limit)
         if cap is not None and running[request.group] >= cap:
             continue
-        if (request.cpu_slots > free_cpu or request.memory_mb > free_memory
-                or request.gpus > len(free_gpus)):
+        held_cpu, held_memory, held_gpus = ((reserved.cpu_slots, reserved.memory_mb,
+                                             reserved.gpus) if reserved else (0, 0, 0))
+        if (_short(request.cpu_slots, free_cpu, held_cpu)
+                or _short(request.memory_mb, free_memory, held_memory)
+                or _short(request.gpus, len(free_gpus), held_gpus)):
+            reserved = reserved or request
             continue
-        take = request.gpus + min(request.optional_gpus, len(free_gpus) - request.gpus)
+        take = request.gpus + max(0, min(request.optional_gpus,
+                                         len(free_gpus) - held_gpus - request.gpus))
         if take:
             devices[request.key] = tuple(free_gpus[:take])
             del free_gpus[:take]
