@@ -59,22 +59,18 @@ def collect(home: CellHome, store: Store, max_age_days: float | None, now: float
     to call again. Orphaned folders are looked for once the backlog is done.
     """
     report = GcReport(dry_run=dry_run)
-    if max_age_days is not None:
-        cutoff = now - max_age_days * 86400.0
-        if dry_run:
-            report.jobs = store.terminal_jobs_before(cutoff, 2**62)
-            report.bytes_freed = sum(tree_size(home.artifacts / j) for j in report.jobs)
+    cutoff = None if max_age_days is None else now - max_age_days * 86400.0
+    if cutoff is not None and dry_run:
+        report.jobs = store.terminal_jobs_before(cutoff, 2**62)
+        report.bytes_freed = sum(tree_size(home.artifacts / j) for j in report.jobs)
+    elif cutoff is not None:
         batches = 0
-        while not dry_run:
-            if max_batches is not None and batches >= max_batches:
+        while batch := store.terminal_jobs_before(cutoff, BATCH):
+            if max_batches is not None and batches == max_batches:
                 report.more = True
                 return report
             batches += 1
-            batch = store.terminal_jobs_before(cutoff, BATCH)
-            if not batch:
-                break
-            for job_id in batch:
-                report.bytes_freed += tree_size(home.artifacts / job_id)
+            report.bytes_freed += sum(tree_size(home.artifacts / j) for j in batch)
             report.jobs.extend(batch)
             store.delete_jobs(batch)
             for job_id in batch:

@@ -113,6 +113,7 @@ class Cell:
                                              s.gpu_count)
         return self._capacity
 
+    @cached_property
     def _host_capacity(self) -> Capacity:
         """CPU slots and memory, without running nvidia-smi (cheap, for submit checks)."""
         if self._capacity is not None:
@@ -217,7 +218,7 @@ class Cell:
             raise SpecError(f"job {position}: {exc}" if position else str(exc)) from None
         for step in job.steps:
             # GPUs are detected (nvidia-smi) only when a step needs some.
-            capacity = self.capacity if step.resources.gpus else self._host_capacity()
+            capacity = self.capacity if step.resources.gpus else self._host_capacity
             reason = never_fits_reason(capacity, step.resources.cpu_slots,
                                        step.resources.memory_mb, step.resources.gpus)
             if reason is not None:

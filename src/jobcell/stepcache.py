@@ -83,7 +83,7 @@ class StepCache:
         the staged path and of the key; in the flat layout (ordered steps) only the
         contents count. A step without inputs has no layout.
         """
-        known = step.step_key or self._keys.get((step.job_id, step.step_id))
+        known = self.known_key(step)
         if known is not None:
             return known
         digests = []
@@ -123,10 +123,10 @@ class StepCache:
         return self.store.find_cache_twins(pairs, [StepState.RUNNING]) if pairs else {}
 
     def done_twin(self, key: str, cache_ns: str) -> StepRow | None:
-        return self.store.find_cache_twin(key, cache_ns, DONE)
+        return self.done_twins({(key, cache_ns)}).get((key, cache_ns))
 
     def running_twin(self, key: str, cache_ns: str) -> StepRow | None:
-        return self.store.find_cache_twin(key, cache_ns, [StepState.RUNNING])
+        return self.running_twins({(key, cache_ns)}).get((key, cache_ns))
 
     def materialise(self, step: StepRow, twin: StepRow, attempt: int) -> list[OutputRow]:
         """Link (or copy) the twin's outputs into ``step``'s attempt ``attempt``.

@@ -46,7 +46,7 @@ from jobcell.model.runner import (
 )
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
 from jobcell.scheduler import oom
-from jobcell.scheduler.admission import GroupLimit, Lease, Request, admit, never_fits_reason
+from jobcell.scheduler.admission import GroupLimit, Lease, Request, admit
 from jobcell.scheduler.capacity import Capacity, detect_capacity
 from jobcell.scheduler.fairness import Queued, fair_order
 from jobcell.settings import Settings, load_settings
@@ -121,7 +121,6 @@ class Worker:
         self._wake_fd: int | None = None
         self._last_served: dict[str, int] = {}   # owner -> turn it was last served
         self._turn = 0
-        self._gpu_warned: set[str] = set()
 
     # -- leadership
     def acquire(self) -> None:
@@ -613,15 +612,14 @@ class Worker:
         return remaining, followers, bool(changes)
 
     def _copy_twin(self, changes: Changes, step: StepRow, twin: StepRow, now: float) -> bool:
-        """Make ``step`` a copy of its finished twin; False when the twin's files are gone."""
+        """Make ``step`` a copy of its finished twin; False (nothing left behind) when the
+        twin's files are gone or no longer match its registered outputs."""
         attempt = step.attempt + 1
         try:
             outputs = self.cache.materialise(step, twin, attempt)
         except OSError as exc:
-            print(f"cannot copy the cached outputs of {twin.job_id}/{twin.step_id}: {exc}",
-                  file=sys.stderr)
-            with contextlib.suppress(OSError):
-                clear_cache_leftover(self.home.attempt_dir(step.job_id, step.step_id, attempt))
+            print(f"cannot reuse the outputs of {twin.job_id}/{twin.step_id}, running "
+                  f"{step.job_id}/{step.step_id} instead: {exc}", file=sys.stderr)
             return False
         source = {"source_job": twin.job_id, "source_step": twin.step_id,
                   "step_key": step.step_key}
@@ -709,23 +707,13 @@ class Worker:
         changes = Changes()
         for key, reason in never_fits:
             step = by_key[key]
-            if never_fits_reason(self.capacity, step.cpu_slots, step.memory_mb) is None:
-                # Only the GPUs are short. Submit checked them, so this worker sees fewer
-                # than the cell had (a narrowed CUDA_VISIBLE_DEVICES, a failed nvidia-smi):
-                # the step waits for a worker that sees them instead of failing.
-                if key not in self._gpu_warned:
-                    self._gpu_warned.add(key)
-                    print(f"{key} {reason}; it stays queued (GPUs detected: "
-                          f"{self.capacity.gpu_source})", file=sys.stderr)
-                continue
             changes.steps.append(StepUpdate(step.job_id, step.step_id, {
                 "state": StepState.FAILED, "finished_at": now,
                 "error": f"can never run on this cell: {reason}"}, StepState.QUEUED))
             changes.events.append(NewEvent(step.job_id, "step_failed", now, step.step_id,
                                            {"reason": reason, "final": True}))
             self._touched.add(step.job_id)
-        if changes:
-            self._commit(changes)
+        self._commit(changes)
 
     def _start(self, steps: list[StepRow], now: float,
                devices: Mapping[str, tuple[str, ...]]) -> None:

@@ -601,12 +601,17 @@ def test_find_cache_twin_by_key_namespace_and_state(store: Store) -> None:
         store.apply(Changes(steps=[StepUpdate(job_id, "s0", {
             "state": state, "step_key": "v1:k", "finished_at": finished,
             "started_at": 5.0})]))
-    done = store.find_cache_twin("v1:k", "lab", [StepState.SUCCEEDED, StepState.CACHED])
-    assert done is not None and done.job_id == "new"      # the most recently finished
-    running = store.find_cache_twin("v1:k", "lab", [StepState.RUNNING])
-    assert running is not None and running.job_id == "running"
-    assert store.find_cache_twin("v1:k", "nowhere", [StepState.SUCCEEDED]) is None
-    assert store.find_cache_twin("v1:other", "lab", [StepState.SUCCEEDED]) is None
+    done = store.find_cache_twins([("v1:k", "lab"), ("v1:k", "other")],
+                                  [StepState.SUCCEEDED, StepState.CACHED])
+    assert {pair: step.job_id for pair, step in done.items()} == {
+        ("v1:k", "lab"): "new",                       # the most recently submitted
+        ("v1:k", "other"): "other_ns"}
+    running = store.find_cache_twins([("v1:k", "lab")], [StepState.RUNNING])
+    assert [step.job_id for step in running.values()] == ["running"]
+    assert store.find_cache_twins([("v1:k", "nowhere"), ("v1:other", "lab")],
+                                  [StepState.SUCCEEDED]) == {}
+    many = [(f"v1:{i}", "lab") for i in range(450)] + [("v1:k", "lab")]   # several chunks
+    assert list(store.find_cache_twins(many, [StepState.CACHED])) == [("v1:k", "lab")]
 
 
 def test_cooldowns_are_written_with_changes_and_replaced_per_group(store: Store) -> None:

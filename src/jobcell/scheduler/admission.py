@@ -93,6 +93,9 @@ def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request],
     stream of small ones behind it (they can no longer take every slot it waits
     for), while requests that fit beside it still start.
 
+    A request that needs more CPU slots or memory than the cell has can never fit
+    (``never_fits``); one that needs more GPUs than this capacity shows waits.
+
     Never over-commits: after admission the sum of leased CPU slots and memory stays
     within capacity, no GPU device is leased twice, a group never exceeds its
     ``max_concurrent`` or throttle, and nothing of a group in cooldown starts.
@@ -109,10 +112,14 @@ def admit(capacity: Capacity, leases: Iterable[Lease], queue: Sequence[Request],
     devices: dict[str, tuple[str, ...]] = {}
     impossible: list[tuple[str, str]] = []
     for request in queue:
-        reason = never_fits_reason(capacity, request.cpu_slots, request.memory_mb,
-                                   request.gpus)
+        reason = never_fits_reason(capacity, request.cpu_slots, request.memory_mb)
         if reason is not None:
             impossible.append((request.key, reason))
+            continue
+        if request.gpus > len(capacity.gpus):
+            # Submit refused steps that need more GPUs than the cell has; a worker that
+            # sees fewer (a narrowed CUDA_VISIBLE_DEVICES, a failed nvidia-smi) leaves
+            # them waiting for one that sees them, and reserves nothing for them.
             continue
         limit = limits.get(request.group)
         if limit is not None and limit.blocked:

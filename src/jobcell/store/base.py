@@ -230,11 +230,6 @@ class Store(Protocol):
     def queued_owners(self) -> list[str]:
         """Owners that have queued steps (cheap even with a long queue)."""
         ...
-    def find_cache_twin(self, step_key: str, cache_ns: str,
-                        states: Iterable[StepState]) -> StepRow | None:
-        """A step with this key in this cache namespace and one of ``states``
-        (the most recently finished or started first)."""
-        ...
     def find_cache_twins(self, keys: Collection[tuple[str, str]],
                          states: Iterable[StepState]) -> dict[tuple[str, str], StepRow]:
         """For many (step key, cache namespace) pairs at once: one twin in ``states``

@@ -322,16 +322,6 @@ class SQLiteStore:
             ") SELECT owner FROM o WHERE owner IS NOT NULL")
         return [r[0] for r in rows]
 
-    def find_cache_twin(self, step_key: str, cache_ns: str,
-                        states: Iterable[StepState]) -> StepRow | None:
-        wanted = [str(s) for s in states]
-        row = self._conn().execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE step_key = ? AND cache_ns = ? "
-            f"AND state IN ({','.join('?' * len(wanted))}) "
-            "ORDER BY coalesce(finished_at, started_at) DESC, seq DESC LIMIT 1",
-            (step_key, cache_ns, *wanted)).fetchone()
-        return self._step(row) if row else None
-
     def find_cache_twins(self, keys: Collection[tuple[str, str]],
                          states: Iterable[StepState]) -> dict[tuple[str, str], StepRow]:
         wanted = [str(s) for s in states]
