@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +41,33 @@ def print_error(message: str) -> None:
     sys.stderr.write(f"jobcell: {message}\n")
 
 
+class _CtrlC:
+    """Remembers a Ctrl-C even when Python swallows its ``KeyboardInterrupt``.
+
+    A SIGINT that lands inside a weakref or ``__del__`` callback (an import lock
+    being released, say) is printed as "Exception ignored" and lost; long waits
+    check this flag on every round so the interrupt still ends them.
+    """
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.seen:
+            raise KeyboardInterrupt
+
+
 class JobcellGroup(click.Group):
     """Turns every error into one clear sentence on stderr and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _CtrlC.handler)
         try:
             return super().invoke(ctx)
         except JobcellError as exc:
@@ -150,7 +175,12 @@ def submit(spec: str, label: str | None, tags: tuple[str, ...], owner: str | Non
 def _wait_and_report(cell: Any, job_id: str, timeout: float | None, as_json: bool,
                      extra: dict[str, Any] | None = None) -> None:
     with _out().progress_bar(enabled=not as_json and sys.stderr.isatty()) as update:
-        status = cell.wait(job_id, timeout_s=timeout, on_progress=update)
+
+        def each_round(status: dict[str, Any]) -> None:
+            _CtrlC.check()
+            update(status)
+
+        status = cell.wait(job_id, timeout_s=timeout, on_progress=each_round)
     if as_json:
         print_json({**status, **(extra or {})})
     else:
