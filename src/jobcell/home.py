@@ -30,6 +30,13 @@ class CellHome:
     root: Path
 
     @property
+    def cell_id(self) -> str:
+        """A short, stable name for this cell in backend job names (from its path)."""
+        import hashlib
+
+        return hashlib.blake2b(str(self.root.resolve()).encode(), digest_size=4).hexdigest()
+
+    @property
     def db_path(self) -> Path:
         return self.root / "state.db"
 

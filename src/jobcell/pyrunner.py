@@ -44,7 +44,9 @@ def _call(function: Any, params: dict[str, Any], context: StepContext) -> Any:
 def main(argv: list[str]) -> int:
     target, attempt_dir = argv[0], Path(argv[1])
     spec = json.loads((attempt_dir / "input.json").read_text(encoding="utf-8"))
-    context = StepContext(attempt_dir, Path(spec["input_dir"]), Path(spec["output_dir"]),
+    # Paths relative to the step dir given on the command line, so the same attempt runs
+    # where it was staged: on a compute node, under a path mapping, in a container.
+    context = StepContext(attempt_dir, attempt_dir / "input", attempt_dir / "output",
                           spec.get("inputs", {}))
     try:
         function = _load(target)

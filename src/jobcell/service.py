@@ -217,6 +217,8 @@ class Cell:
         except SpecError as exc:
             raise SpecError(f"job {position}: {exc}" if position else str(exc)) from None
         for step in job.steps:
+            if (step.runner.executor or self.settings.executor_backend) != "embedded":
+                continue  # runs on Slurm or a site's gateway: that backend judges the request
             # GPUs are detected (nvidia-smi) only when a step needs some.
             capacity = self.capacity if step.resources.gpus else self._host_capacity
             reason = never_fits_reason(capacity, step.resources.cpu_slots,
@@ -447,11 +449,27 @@ class Cell:
 
     # -- cell
     def capabilities(self) -> dict[str, Any]:
-        """What this cell offers and where each figure came from."""
-        return {"executor_backend": self.settings.executor_backend,
-                **self.capacity.to_dict(),
-                "hostname": socket.gethostname(), "home": str(self.home.root),
-                "python": sys.version.split()[0], "jobcell_version": __version__}
+        """What this cell offers and where each figure came from; for a delegated
+        backend (Slurm, external) also what the backend reports (probed now)."""
+        result = {"executor_backend": self.settings.executor_backend,
+                  **self.capacity.to_dict(),
+                  "hostname": socket.gethostname(), "home": str(self.home.root),
+                  "python": sys.version.split()[0], "jobcell_version": __version__}
+        if self.settings.executor_backend != "embedded":
+            result["backend"] = self._backend_capabilities(self.settings.executor_backend)
+        return result
+
+    def _backend_capabilities(self, name: str) -> dict[str, Any]:
+        from jobcell.executors.select import make_executor
+
+        executor = make_executor(name, self.home, self.settings)
+        try:
+            problem = executor.usable()
+            if problem is not None:
+                return {"backend": name, "usable": False, "problem": problem}
+            return {**executor.capabilities().to_dict(), "usable": True}
+        finally:
+            executor.close()
 
     def scheduler_status(self) -> dict[str, Any]:
         """Capacity, used and free resources, leases by step, queue depth by runner and
@@ -556,5 +574,6 @@ def job_status(job: JobRow) -> dict[str, Any]:
         "steps": [{"id": s.step_id, "runner": s.runner, "state": str(s.state),
                    "attempt": s.attempt, "exit_code": s.exit_code, "error": s.error,
                    "inputs": s.inputs, "runner_hash": s.runner_hash,
-                   "started_at": iso(s.started_at), "finished_at": iso(s.finished_at)}
+                   "started_at": iso(s.started_at), "finished_at": iso(s.finished_at),
+                   "backend": s.backend, "backend_id": s.backend_id}
                   for s in job.steps]}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -97,9 +99,80 @@ def _path_list(value: Any) -> list[str]:
 
 
 def _backend(value: Any) -> str:
-    if value not in ("embedded",):
+    if value not in ("embedded", "slurm", "external"):
         raise ValueError
     return str(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or "\n" in value or "\0" in value:
+        raise ValueError
+    return value
+
+
+def _text_list(value: Any) -> list[str]:
+    """A list of strings (each one line), or a JSON list in an environment variable."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v
+                                              for v in value):
+        raise ValueError
+    return list(value)
+
+
+def _command(value: Any) -> list[str] | None:
+    """An argv: a TOML list, or a string split like a shell would split words (no shell
+    ever runs it)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip().startswith("[") else shlex.split(value)
+        except ValueError:
+            raise ValueError from None
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(v, str) and v and "\0" not in v for v in value):
+        raise ValueError
+    return list(value)
+
+
+def _mapping(value: Any) -> dict[str, str]:
+    """A table of strings; in an environment variable a JSON object or ``A=B;C=D``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            pairs = [item.split("=", 1) for item in text.split(";") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError
+            value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+        raise ValueError
+    return dict(value)
+
+
+def _path_mappings(value: Any) -> dict[str, str]:
+    mappings = _mapping(value)
+    if not all(k.startswith("/") and v.startswith("/") for k, v in mappings.items()):
+        raise ValueError
+    return mappings
+
+
+def _port(value: Any) -> int:
+    number = _integer(value)
+    if not 1 <= number <= 65535:
+        raise ValueError
+    return number
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError
+        return str(value)
+    return parse
 
 
 def _optional_text(value: Any) -> str | None:
@@ -119,7 +192,7 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {
-    "executor_backend": Option("embedded", _backend, "'embedded'"),
+    "executor_backend": Option("embedded", _backend, "'embedded', 'slurm' or 'external'"),
     "cpu_slots": Option("auto", _auto_or_positive_int, "a positive integer or 'auto'"),
     "node_memory_mb": Option("auto", _auto_or_positive_int, "a positive integer or 'auto'"),
     "memory_reserve_mb": Option(2048, _non_negative_int, "a non-negative integer"),
@@ -144,6 +217,51 @@ OPTIONS: dict[str, Option] = {
                               "a non-negative number of days (0 = keep forever)"),
     "gc_interval_s": Option(3600.0, _non_negative_float,
                             "a non-negative number of seconds (0 = only 'jobcell gc')"),
+    # -- delegated backends (Slurm, external wrappers)
+    "backend_poll_interval_s": Option(1.0, _positive_float, "a positive number of seconds"),
+    "backend_poll_max_interval_s": Option(15.0, _positive_float,
+                                          "a positive number of seconds"),
+    "backend_exit_code_grace_s": Option(30.0, _non_negative_float,
+                                        "a non-negative number of seconds"),
+    "backend_max_submitted": Option(1000, _positive_int, "a positive integer"),
+    "backend_path_mappings": Option({}, _path_mappings,
+                                    "a table of absolute local prefix = backend prefix"),
+    "slurm_sbatch": Option("sbatch", _text, "a program name or path"),
+    "slurm_squeue": Option("squeue", _text, "a program name or path"),
+    "slurm_sacct": Option("sacct", _text, "a program name or path"),
+    "slurm_scancel": Option("scancel", _text, "a program name or path"),
+    "slurm_sinfo": Option("sinfo", _text, "a program name or path"),
+    "slurm_scontrol": Option("scontrol", _text, "a program name or path"),
+    "slurm_partition": Option(None, _optional_text, "a partition name"),
+    "slurm_account": Option(None, _optional_text, "an account name"),
+    "slurm_qos": Option(None, _optional_text, "a QOS name"),
+    "sbatch_extra": Option([], _text_list, "a list of sbatch arguments"),
+    "slurm_script_shell": Option("/bin/bash", _text, "an absolute path to a shell"),
+    "preparation_script_before": Option([], _text_list, "a list of script lines"),
+    "preparation_script_after": Option([], _text_list, "a list of script lines"),
+    "debug_slurm_script": Option(False, _bool, "true or false"),
+    "slurm_max_array_size": Option(1000, _positive_int, "a positive integer"),
+    "slurm_env": Option({}, _mapping, "a table of environment variables for Slurm commands"),
+    "slurm_login_host": Option(None, _optional_text, "a host name"),
+    "slurm_login_user": Option(None, _optional_text, "a user name"),
+    "slurm_login_port": Option(22, _port, "a port number"),
+    "slurm_ssh_key": Option(None, _optional_text, "a path to a private key"),
+    "slurm_ssh_options": Option({}, _mapping, "a table of SSH options"),
+    "slurm_tmp_io": Option(None, _optional_text,
+                           "a directory seen by the login and compute nodes"),
+    "slurm_tmp_io_local": Option(None, _optional_text,
+                                 "the local mount of slurm_tmp_io"),
+    "external_submit_cmd": Option(None, _command, "a command (list or words)"),
+    "external_status_cmd": Option(None, _command, "a command (list or words)"),
+    "external_cancel_cmd": Option(None, _command, "a command (list or words)"),
+    "backend_capabilities_cmd": Option(None, _command, "a command (list or words)"),
+    # -- containers
+    "container_runtime": Option("auto", _choice("auto", "podman", "docker", "apptainer",
+                                                 "singularity"),
+                                "'auto', 'podman', 'docker', 'apptainer' or 'singularity'"),
+    "container_pull": Option("missing", _choice("missing", "always", "never"),
+                             "'missing', 'always' or 'never'"),
+    "container_network": Option("none", _text, "a network name ('none' = no network)"),
 }
 
 

@@ -35,14 +35,13 @@ from jobcell import artifacts, wakeup
 from jobcell.errors import JobcellError
 from jobcell.executors.base import Executor, Launch, Phase, Status
 from jobcell.executors.embedded import EmbeddedExecutor, install_wrapper
+from jobcell.executors.select import backend_of, make_executor
 from jobcell.home import CellHome, open_home
+from jobcell.launching import build_launch
 from jobcell.leadership import WorkerAlreadyRunning, lock_is_stale
 from jobcell.model.advance import Outcome, Verdict, decide_outcome, plan_advance
 from jobcell.model.runner import (
     RunnerDefinition,
-    runner_argv,
-    runner_environment,
-    runner_values,
 )
 from jobcell.model.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, StepState
 from jobcell.scheduler import oom
@@ -67,6 +66,7 @@ from jobcell.store.base import JobUpdate, StepUpdate
 from jobcell.store.sqlite import SQLiteStore
 
 ADMIT_BATCH = 1000
+UNBOUNDED = 1 << 40   # the capacity of a delegated backend: it queues steps itself
 WAITING_RECHECK_S = 10.0  # re-check cache waiters this often even when nothing ended
 
 
@@ -102,7 +102,10 @@ class Worker:
         self.capacity: Capacity = detect_capacity(
             settings.cpu_slots, settings.node_memory_mb, settings.memory_reserve_mb,
             settings.gpu_count)
-        self.executor = executor or EmbeddedExecutor(home.wrapper_script)
+        # One executor per backend in use; the embedded one always exists.
+        self.executors: dict[str, Executor] = {
+            "embedded": executor or EmbeddedExecutor(home.wrapper_script)}
+        self._backend_of: dict[str, str] = {}      # executor key -> backend name
         self.cache = StepCache(home, store)
         self.token = uuid.uuid4().hex
         self._running: dict[str, StepRow] = {}
@@ -160,6 +163,22 @@ class Worker:
                 os.write(self._wake_fd, b"!")
 
     # -- lifecycle
+    @property
+    def executor(self) -> Executor:
+        """The embedded executor (local processes)."""
+        return self.executors["embedded"]
+
+    def _executor(self, backend: str) -> Executor:
+        """The executor of ``backend``, made on first use (ConfigError when it cannot be)."""
+        executor = self.executors.get(backend)
+        if executor is None:
+            executor = make_executor(backend, self.home, self.settings)
+            self.executors[backend] = executor
+        return executor
+
+    def _executor_for(self, key: str) -> Executor:
+        return self.executors.get(self._backend_of.get(key, "embedded"), self.executor)
+
     def recover(self) -> None:
         """Re-adopt running attempts, re-advance every active job, re-read cooldowns and
         settle cache waiters."""
@@ -169,7 +188,18 @@ class Worker:
             key = step_key(step.job_id, step.step_id)
             self._running[key] = step
             attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
-            self.executor.adopt(key, attempt_dir, step.pid)
+            backend = step.backend or "embedded"
+            backend_id = step.backend_id or (str(step.pid) if step.pid is not None else None)
+            try:
+                executor = self._executor(backend)
+            except JobcellError as exc:
+                # Its backend is no longer configured: the attempt cannot be followed.
+                print(f"cannot follow {key} on {backend}: {exc}", file=sys.stderr)
+                self._kills[key] = _Kill(f"cannot follow it on {backend}: {exc}",
+                                         float("inf"), stop=False, forced=True)
+                backend, executor = "embedded", self.executor
+            self._backend_of[key] = backend
+            executor.adopt(key, attempt_dir, backend_id)
         self._touched.update(self.store.job_ids_in_states(ACTIVE_JOB_STATES))
 
     def _resync(self) -> None:
@@ -178,10 +208,11 @@ class Worker:
         self._kills.clear()
         self._touched.clear()
         self._cancelling.clear()
-        if isinstance(self.executor, EmbeddedExecutor):
-            # A fresh one: the old one tracked attempts by what this worker believed.
-            self.executor.close()
-            self.executor = EmbeddedExecutor(self.home.wrapper_script)
+        self._backend_of.clear()
+        # Fresh ones: the old ones tracked attempts by what this worker believed.
+        for executor in self.executors.values():
+            executor.close()
+        self.executors = {"embedded": EmbeddedExecutor(self.home.wrapper_script)}
         self.recover()
 
     def run(self, until_idle: bool = False) -> None:
@@ -194,6 +225,9 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 self.release()
+            for executor in self.executors.values():
+                with contextlib.suppress(Exception):
+                    executor.close()
             if self._wake_fd is not None:
                 os.close(self._wake_fd)
                 self._wake_fd = None
@@ -275,7 +309,10 @@ class Worker:
     def _collect(self, now: float) -> bool:
         ended: list[str] = []
         changes = Changes()
-        for key, status in self.executor.poll().items():
+        statuses: dict[str, Status] = {}
+        for executor in list(self.executors.values()):
+            statuses.update(executor.poll())
+        for key, status in statuses.items():
             if status.phase in (Phase.RUNNING, Phase.UNKNOWN) or key not in self._running:
                 continue
             step = self._running[key]
@@ -288,7 +325,8 @@ class Worker:
         self._cooldowns.update((row.group, row) for row in changes.cooldowns)
         self.cache.memo.flush()
         for key in ended:
-            self.executor.forget(key)
+            self._executor_for(key).forget(key)
+            self._backend_of.pop(key, None)
             step = self._running.pop(key)
             self._kills.pop(key, None)
             self._touched.add(step.job_id)
@@ -301,11 +339,15 @@ class Worker:
         paths = artifacts.AttemptPaths(self.home.attempt_dir(step.job_id, step.step_id,
                                                              step.attempt))
         kill = self._kills.get(key)
-        code = status.exit_code if status.phase == Phase.EXITED else None
+        code = status.exit_code if status.phase in (Phase.EXITED, Phase.FAILED) else None
+        oom_like = kill is None and (status.oom_like or oom.is_oom_like(code))
+        if kill is None and status.phase == Phase.FAILED:
+            # The backend ended it without an exit code (Slurm TIMEOUT, CANCELLED, ...).
+            kill = _Kill(status.reason or "the backend ended it", float("inf"), stop=False,
+                         forced=True)
         outcome, outputs = self._judge(step, paths, code, kill)
         self._write_outcome(changes, step, outcome, code, outputs, now)
-        if kill is None and outcome.verdict in (Verdict.RETRY, Verdict.FAILED) \
-                and oom.is_oom_like(code):
+        if oom_like and outcome.verdict in (Verdict.RETRY, Verdict.FAILED):
             self._note_oom(changes, step, outcome, code, now)
 
     def _note_oom(self, changes: Changes, step: StepRow, outcome: Outcome, code: int | None,
@@ -376,7 +418,7 @@ class Worker:
         verdict = outcome.verdict
         attempt = AttemptRow(step.job_id, step.step_id, step.attempt, str(verdict),
                              step.started_at or now, now, code, outcome.reason, step.pid,
-                             step.memory_mb)
+                             step.memory_mb, step.backend, step.backend_id)
         changes.attempts.append(attempt)
         data: dict[str, Any] = {"attempt": step.attempt, "exit_code": code}
         fields: dict[str, Any] = {"exit_code": code, "error": outcome.reason, "gpus": None}
@@ -463,17 +505,19 @@ class Worker:
         if key in self._kills or key not in self._running:
             return
         self._kills[key] = _Kill(reason, now + self.settings.kill_grace_s, stop)
-        self.executor.terminate(key)
+        self._executor_for(key).terminate(key)
 
     def _enforce_timeouts(self, now: float) -> None:
         for key, step in self._running.items():
             kill = self._kills.get(key)
             if kill is None:
+                if self._backend_of.get(key) == "slurm":
+                    continue  # Slurm enforces it (--time) from when the job really starts
                 if step.started_at is not None and now - step.started_at > step.timeout_s:
                     self._terminate(key, f"timed out after {step.timeout_s:g} s", now, False)
             elif not kill.forced and now >= kill.force_at:
                 kill.forced = True
-                self.executor.terminate(key, force=True)
+                self._executor_for(key).terminate(key, force=True)
 
     # -- admission
     def _runner(self, step: StepRow) -> RunnerDefinition:
@@ -492,16 +536,46 @@ class Worker:
             return False
         queue, followers, cached = self._resolve_cache(queue, now)
         by_key = {step_key(s.job_id, s.step_id): s for s in queue}
-        requests = [self._request(k, s) for k, s in by_key.items()]
-        leases = [Lease(k, s.cpu_slots, s.memory_mb, self._runner(s).group, tuple(s.gpus or ()))
-                  for k, s in self._running.items()]
-        decision = admit(self.capacity, leases, requests, limits)
+        local = {k: s for k, s in by_key.items() if self._backend(s) == "embedded"}
+        delegated = {k: s for k, s in by_key.items() if k not in local}
+        # Local steps lease this host's CPU, memory and GPUs; steps on a delegated backend
+        # (Slurm, a gateway) lease nothing here but still count for concurrency groups.
+        leases = [self._lease(k, s) for k, s in self._running.items()]
+        decision = admit(self.capacity, leases,
+                         [self._request(k, s) for k, s in local.items()], limits)
         self._fail_impossible(decision.never_fits, by_key, now)
         started = [by_key[k] for k in decision.admit]
+        if delegated:
+            leases += [Lease(k, 0, 0, self._runner(by_key[k]).group) for k in decision.admit]
+            started += self._admit_delegated(delegated, leases, limits)
         if started:
             self._start(started, now, decision.devices)
         waited = self._follow(followers, now)
         return bool(started or decision.never_fits or cached or waited)
+
+    def _backend(self, step: StepRow) -> str:
+        return backend_of(self._runner(step), self.settings)
+
+    def _lease(self, key: str, step: StepRow) -> Lease:
+        group = self._runner(step).group
+        if self._backend_of.get(key, "embedded") != "embedded":
+            return Lease(key, 0, 0, group)
+        return Lease(key, step.cpu_slots, step.memory_mb, group, tuple(step.gpus or ()))
+
+    def _admit_delegated(self, queue: dict[str, StepRow], leases: list[Lease],
+                         limits: dict[str, GroupLimit]) -> list[StepRow]:
+        """Steps for Slurm or an external gateway: bounded by concurrency groups, OOM
+        throttles and ``backend_max_submitted`` in flight; the backend queues them."""
+        in_flight = sum(1 for key in self._running
+                        if self._backend_of.get(key, "embedded") != "embedded")
+        room = self.settings.backend_max_submitted - in_flight
+        if room <= 0:
+            return []
+        capacity = Capacity(UNBOUNDED, UNBOUNDED, "delegated backend", "delegated backend")
+        requests = [Request(k, 0, 0, self._runner(s).group, self._runner(s).max_concurrent)
+                    for k, s in queue.items()]
+        decision = admit(capacity, leases, requests, limits)
+        return [queue[k] for k in decision.admit[:room]]
 
     def _request(self, key: str, step: StepRow) -> Request:
         runner = self._runner(step)
@@ -722,7 +796,8 @@ class Worker:
         for step in steps:
             gpus = list(devices.get(step_key(step.job_id, step.step_id), ()))
             step = replace(step, state=StepState.RUNNING, attempt=step.attempt + 1,
-                           started_at=now, exit_code=None, pid=None, gpus=gpus or None)
+                           started_at=now, exit_code=None, pid=None, gpus=gpus or None,
+                           backend=self._backend(step), backend_id=None)
             running.append(step)
             self.cache.forget(step.job_id, step.step_id)
             self._turn += 1
@@ -730,65 +805,101 @@ class Worker:
             changes.steps.append(StepUpdate(step.job_id, step.step_id, {
                 "state": StepState.RUNNING, "attempt": step.attempt, "started_at": now,
                 "exit_code": None, "pid": None, "not_before": None, "gpus": step.gpus,
-                "step_key": step.step_key}, StepState.QUEUED))
+                "step_key": step.step_key, "backend": step.backend, "backend_id": None},
+                StepState.QUEUED))
             changes.attempts.append(AttemptRow(step.job_id, step.step_id, step.attempt,
-                                               "running", now, memory_mb=step.memory_mb))
+                                               "running", now, memory_mb=step.memory_mb,
+                                               backend=step.backend))
             data: dict[str, Any] = {"attempt": step.attempt}
             if gpus:
                 data["gpus"] = gpus
+            if step.backend != "embedded":
+                data["backend"] = step.backend
             changes.events.append(NewEvent(step.job_id, "step_started", now, step.step_id,
                                            data))
-        self._commit(changes)  # committed as running before anything is spawned
+        self._commit(changes)  # committed as running before anything is submitted
         _fault("after_start_commit")
-        pids = Changes()
+        batches: dict[str, list[Launch]] = {}
         for step in running:
             key = step_key(step.job_id, step.step_id)
             self._running[key] = step
             self._touched.add(step.job_id)
-            pid = self._spawn(step, key)
-            if pid is not None:
-                step.pid = pid
-                pids.steps.append(StepUpdate(step.job_id, step.step_id, {"pid": pid}))
+            launch = self._prepare(step, key)
+            if launch is not None:
+                batches.setdefault(step.backend or "embedded", []).append(launch)
+        ids: dict[str, str] = {}
+        for backend, launches in batches.items():
+            ids.update(self._submit(backend, launches))
         _fault("after_spawn")
-        if pids:
-            self._commit(pids)
+        self._record_submissions(ids, now)
 
-    def _spawn(self, step: StepRow, key: str) -> int | None:
-        """Prepare the attempt directory and start it.
+    def _prepare(self, step: StepRow, key: str) -> Launch | None:
+        """Prepare the attempt directory and describe how to start it.
 
         When that fails, the attempt is tracked with no process (it ends at the next poll)
         and the reason is kept: it fails like any attempt (retries apply) with that reason.
         """
         attempt_dir = self.home.attempt_dir(step.job_id, step.step_id, step.attempt)
+        backend = step.backend or "embedded"
         try:
+            executor = self._executor(backend)
             clear_cache_leftover(attempt_dir)
-            launch = self._launch(step, key, attempt_dir)
-            return self.executor.submit([launch])[key]
+            return build_launch(
+                key=key, step=step, runner=self._runner(step), attempt_dir=attempt_dir,
+                upstream={up: self.home.attempt_dir(step.job_id, up, attempt) / "output"
+                          for up, attempt in self._upstream_attempts(step).items()},
+                gpu_env=backend == "embedded" and bool(self.capacity.gpus or step.gpus),
+                cell_id=self.home.cell_id, backend_path=executor.backend_path)
         except (OSError, ValueError, JobcellError) as exc:
-            print(f"cannot start {key} attempt {step.attempt}: {exc}", file=sys.stderr)
-            self._kills[key] = _Kill(f"could not start: {exc}", float("inf"), stop=False,
-                                     forced=True)
-            self.executor.adopt(key, attempt_dir, None)
+            self._not_started(key, attempt_dir, step.attempt, exc)
             return None
 
-    def _launch(self, step: StepRow, key: str, attempt_dir: Path) -> Launch:
-        runner = self._runner(step)
-        upstream = {
-            up: self.home.attempt_dir(step.job_id, up, attempt) / "output"
-            for up, attempt in self._upstream_attempts(step).items()}
-        paths = artifacts.prepare_attempt(attempt_dir, step.params, upstream, step.input_layout,
-                                          step_input=runner.python is not None)
-        values = runner_values(runner, step.params, str(attempt_dir), str(paths.input_dir),
-                               str(paths.output_dir))
-        extra = {"JOBCELL_JOB_ID": step.job_id, "JOBCELL_STEP_ID": step.step_id,
-                 "JOBCELL_ATTEMPT": str(step.attempt), "JOBCELL_STEP_DIR": str(attempt_dir)}
-        if self.capacity.gpus or step.gpus:
-            # Exactly the leased devices; none at all for a step that leased none.
-            extra["CUDA_VISIBLE_DEVICES"] = ",".join(step.gpus or ())
-            extra["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number devices as nvidia-smi does
-            extra["JOBCELL_GPU_DEVICES"] = extra["CUDA_VISIBLE_DEVICES"]
-        env = runner_environment(runner, os.environ, extra)
-        return Launch(key, attempt_dir, tuple(runner_argv(runner, values)), env)
+    def _not_started(self, key: str, attempt_dir: Path, attempt: int, exc: Exception) -> None:
+        print(f"cannot start {key} attempt {attempt}: {exc}", file=sys.stderr)
+        self._kills[key] = _Kill(f"could not start: {exc}", float("inf"), stop=False,
+                                 forced=True)
+        self._backend_of[key] = "embedded"
+        self.executor.adopt(key, attempt_dir, None)
+
+    def _submit(self, backend: str, launches: list[Launch]) -> dict[str, str]:
+        """Hand launches to their executor; key -> backend id for those it started.
+
+        Embedded attempts start one by one (one that cannot start fails alone); a
+        delegated executor gets the whole batch, to submit arrays in few calls.
+        """
+        executor = self.executors[backend]
+        groups = [[launch] for launch in launches] if not executor.delegated else [launches]
+        ids: dict[str, str] = {}
+        for group in groups:
+            try:
+                started = executor.submit(group)
+            except (OSError, ValueError, JobcellError) as exc:
+                for launch in group:
+                    self._not_started(launch.key, launch.attempt_dir,
+                                      self._running[launch.key].attempt, exc)
+                continue
+            for launch in group:
+                self._backend_of[launch.key] = backend
+            ids.update(started)
+        return ids
+
+    def _record_submissions(self, ids: Mapping[str, str], now: float) -> None:
+        changes = Changes()
+        for key, backend_id in ids.items():
+            step = self._running[key]
+            step.backend_id = backend_id
+            fields: dict[str, Any] = {"backend_id": backend_id}
+            if step.backend == "embedded" and backend_id.isdigit():
+                step.pid = int(backend_id)
+                fields["pid"] = step.pid
+            else:
+                changes.events.append(NewEvent(step.job_id, "step_submitted", now,
+                                               step.step_id, {"backend": step.backend,
+                                                              "backend_id": backend_id,
+                                                              "attempt": step.attempt}))
+            changes.steps.append(StepUpdate(step.job_id, step.step_id, fields))
+        if changes:
+            self._commit(changes)
 
     def _upstream_attempts(self, step: StepRow) -> dict[str, int]:
         if not step.inputs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -145,12 +146,23 @@ if __name__ == "__main__":
 def write_settings(home: Path, **settings: Any) -> None:
     """Write the cell options as ``<home>/jobcell.toml``."""
     home.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for name, value in {**TEST_SETTINGS, **settings}.items():
-        text = f'"{value}"' if isinstance(value, str) else str(value).lower() \
-            if isinstance(value, bool) else repr(value)
-        lines.append(f"{name} = {text}")
+    lines = [f"{name} = {toml_value(value)}"
+             for name, value in {**TEST_SETTINGS, **settings}.items()]
     (home / "jobcell.toml").write_text("\n".join(lines) + "\n")
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a string, bool, number, list or table of them."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}"
+                               for k, v in value.items()) + " }"
+    return repr(value)
 
 
 def cleanup_cell(cell: Cell) -> None:

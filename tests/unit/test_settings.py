@@ -105,7 +105,7 @@ def test_booleans_from_text(text: str, expected: bool) -> None:
     ("poll_interval_s", 0), ("poll_interval_s", "nan"), ("poll_interval_s", True),
     ("retry_backoff_s", -0.1), ("retry_backoff_s", float("nan")), ("kill_grace_s", True),
     ("runner_registry_autosync", "maybe"), ("runner_registry_paths", [1, 2]),
-    ("executor_backend", "slurm"), ("worker_heartbeat_ttl_s", "soon"),
+    ("executor_backend", "kubernetes"), ("worker_heartbeat_ttl_s", "soon"),
 ])
 def test_invalid_values_are_clear_errors(name: str, raw: Any) -> None:
     message = config_error(None, env={}, overrides={name: raw})

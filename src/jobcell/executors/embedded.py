@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from jobcell.executors.base import Launch, Phase, Status
+from jobcell.executors.base import BackendCapabilities, Launch, Phase, Status
 from jobcell.executors.wrapper import wrapper_script
 
 LOCK_FILE = ".lock"
@@ -146,6 +146,7 @@ class EmbeddedExecutor:
     """Runs attempts as local child processes through the wrapper script."""
 
     name = "embedded"
+    delegated = False
 
     def __init__(self, wrapper_path: Path, shell: str = "/bin/bash") -> None:
         self.wrapper_path = wrapper_path
@@ -153,8 +154,17 @@ class EmbeddedExecutor:
         self._tracked: dict[str, _Tracked] = {}
         self._orphans: list[subprocess.Popen[bytes]] = []
 
-    def submit(self, launches: list[Launch]) -> dict[str, int]:
-        return {launch.key: self._start(launch) for launch in launches}
+    def backend_path(self, attempt_dir: Path) -> str:
+        return str(attempt_dir)
+
+    def capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(self.name, gpu_source="the cell's own GPU detection")
+
+    def usable(self) -> str | None:
+        return None
+
+    def submit(self, launches: list[Launch]) -> dict[str, str]:
+        return {launch.key: str(self._start(launch)) for launch in launches}
 
     def _start(self, launch: Launch) -> int:
         lock_fd = os.open(launch.attempt_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
@@ -175,8 +185,9 @@ class EmbeddedExecutor:
         self._tracked[launch.key] = _Tracked(launch.attempt_dir, process.pid, process, pidfd)
         return process.pid
 
-    def adopt(self, key: str, attempt_dir: Path, backend_id: int | None) -> None:
-        self._tracked[key] = _Tracked(attempt_dir, backend_id)
+    def adopt(self, key: str, attempt_dir: Path, backend_id: str | None) -> None:
+        pid = int(backend_id) if backend_id is not None and backend_id.isdigit() else None
+        self._tracked[key] = _Tracked(attempt_dir, pid)
 
     def tracked(self) -> set[str]:
         """Keys of the attempts this executor is watching."""

@@ -25,7 +25,8 @@ MAX_NAME_LENGTH = 100
 _NAME_RE = re.compile(NAME_PATTERN)
 _CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # Fields that change how a step is run, never what it computes.
-CACHE_NEUTRAL_FIELDS = frozenset({"source", "description", "resources", "concurrency_group",
+CACHE_NEUTRAL_FIELDS = frozenset({"source", "description", "resources", "executor",
+                                  "concurrency_group",
                                   "max_concurrent", "retries", "cacheable", "cache_scope"})
 
 
@@ -78,6 +79,7 @@ class RunnerDefinition(BaseModel):
     args_template: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
+    executor: Literal["embedded", "slurm", "external"] | None = None
     concurrency_group: str | None = None
     max_concurrent: int | None = Field(default=None, ge=1)
     cacheable: bool = True

@@ -54,6 +54,8 @@ class StepRow:
     gpus: list[str] | None = None      # GPU device indexes leased to the running attempt
     step_key: str | None = None        # content address, once known (see jobcell.cache)
     cache_ns: str = ""                 # cache namespace: the job's label, or "*" (cell scope)
+    backend: str | None = None         # executor of the current attempt (embedded, slurm, ...)
+    backend_id: str | None = None      # its id there (PID, Slurm job id), once submitted
 
 
 @dataclass
@@ -90,6 +92,8 @@ class AttemptRow:
     reason: str | None = None
     pid: int | None = None
     memory_mb: int | None = None
+    backend: str | None = None
+    backend_id: str | None = None
 
 
 @dataclass(frozen=True)

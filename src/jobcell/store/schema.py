@@ -130,4 +130,11 @@ MIGRATIONS: list[str] = [
         blake3 TEXT NOT NULL
     );
     """,
+    # version 3: where a running attempt went (embedded, slurm, external) and its backend id
+    """
+    ALTER TABLE steps ADD COLUMN backend TEXT;
+    ALTER TABLE steps ADD COLUMN backend_id TEXT;
+    ALTER TABLE attempts ADD COLUMN backend TEXT;
+    ALTER TABLE attempts ADD COLUMN backend_id TEXT;
+    """,
 ]

@@ -29,14 +29,15 @@ from jobcell.store.base import (
 from jobcell.store.schema import MIGRATIONS
 
 _STEP_FIELDS = frozenset({"state", "attempt", "failures", "exit_code", "not_before", "started_at",
-                          "finished_at", "pid", "error", "memory_mb", "gpus", "step_key"})
+                          "finished_at", "pid", "error", "memory_mb", "gpus", "step_key",
+                          "backend", "backend_id"})
 _JOB_FIELDS = frozenset({"state", "updated_at", "finished_at", "error", "cancel_requested"})
 _JOB_COLUMNS = ("job_id, label, owner, tags, priority, state, spec, spec_hash, created_at, "
                 "updated_at, finished_at, cancel_requested, error")
 _STEP_COLUMNS = ("job_id, step_id, idx, runner, runner_hash, runner_def, params, inputs, "
                  "input_layout, cache, cpu_slots, memory_mb, timeout_s, retries, state, attempt, "
                  "failures, exit_code, not_before, started_at, finished_at, pid, error, priority, "
-                 "owner, seq, gpus, step_key, cache_ns")
+                 "owner, seq, gpus, step_key, cache_ns, backend, backend_id")
 _LOCK_NAME = "scheduler"
 
 
@@ -153,7 +154,7 @@ class SQLiteStore:
             started_at=row["started_at"], finished_at=row["finished_at"], pid=row["pid"],
             error=row["error"], priority=row["priority"], owner=row["owner"], seq=row["seq"],
             gpus=json.loads(row["gpus"]) if row["gpus"] else None, step_key=row["step_key"],
-            cache_ns=row["cache_ns"])
+            cache_ns=row["cache_ns"], backend=row["backend"], backend_id=row["backend_id"])
 
     # -- jobs
     def insert_jobs(self, jobs: Sequence[JobRow], events: Sequence[NewEvent]) -> None:
@@ -270,7 +271,8 @@ class SQLiteStore:
     def attempts(self, job_id: str) -> list[AttemptRow]:
         rows = self._conn().execute(
             "SELECT job_id, step_id, attempt, state, started_at, finished_at, exit_code, reason, "
-            "pid, memory_mb FROM attempts WHERE job_id = ? ORDER BY started_at, attempt",
+            "pid, memory_mb, backend, backend_id FROM attempts WHERE job_id = ? "
+            "ORDER BY started_at, attempt",
             (job_id,))
         return [AttemptRow(*tuple(r)) for r in rows]
 
@@ -419,9 +421,11 @@ class SQLiteStore:
                              job_update.fields, _JOB_FIELDS, job_update.expect)
             conn.executemany(
                 "INSERT OR REPLACE INTO attempts (job_id, step_id, attempt, state, started_at, "
-                "finished_at, exit_code, reason, pid, memory_mb) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "finished_at, exit_code, reason, pid, memory_mb, backend, backend_id) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(a.job_id, a.step_id, a.attempt, a.state, a.started_at, a.finished_at,
-                  a.exit_code, a.reason, a.pid, a.memory_mb) for a in changes.attempts])
+                  a.exit_code, a.reason, a.pid, a.memory_mb, a.backend, a.backend_id)
+                 for a in changes.attempts])
             conn.executemany(
                 "INSERT OR REPLACE INTO outputs (job_id, step_id, name, path, size, blake3) "
                 "VALUES (?,?,?,?,?,?)",
