@@ -61,6 +61,8 @@ def finalize(data: dict[str, Any], runner_dir: Path, source: str) -> RunnerDefin
     if runner.python is not None:
         paths = [str((runner_dir / p).resolve()) for p in runner.python_path]
         return runner.model_copy(update={"command_path": sys.executable, "python_path": paths})
+    if runner.container is not None:
+        return runner  # its command lives in the image, not on this host
     assert runner.command is not None
     resolved = _resolve_command(runner.command, runner_dir, os.environ.get("PATH"))
     if resolved is None:

@@ -34,6 +34,7 @@ from typing import Any
 from jobcell import artifacts, wakeup
 from jobcell.errors import JobcellError
 from jobcell.executors.base import Executor, Launch, Phase, Status
+from jobcell.executors.container import ContainerOptions
 from jobcell.executors.embedded import EmbeddedExecutor, install_wrapper
 from jobcell.executors.select import backend_of, make_executor
 from jobcell.home import CellHome, open_home
@@ -849,10 +850,20 @@ class Worker:
                 upstream={up: self.home.attempt_dir(step.job_id, up, attempt) / "output"
                           for up, attempt in self._upstream_attempts(step).items()},
                 gpu_env=backend == "embedded" and bool(self.capacity.gpus or step.gpus),
-                cell_id=self.home.cell_id, backend_path=executor.backend_path)
+                cell_id=self.home.cell_id, backend_path=executor.backend_path,
+                container_options=self._container_options(executor))
         except (OSError, ValueError, JobcellError) as exc:
             self._not_started(key, attempt_dir, step.attempt, exc)
             return None
+
+    def _container_options(self, executor: Executor) -> ContainerOptions:
+        if executor.delegated:
+            backend_gpus = executor.capabilities().gpus
+        else:
+            backend_gpus = self.capacity.gpu_count
+        return ContainerOptions.from_settings(self.settings, backend_gpus=backend_gpus,
+                                              environ=os.environ,
+                                              probe_local=not executor.delegated)
 
     def _not_started(self, key: str, attempt_dir: Path, attempt: int, exc: Exception) -> None:
         print(f"cannot start {key} attempt {attempt}: {exc}", file=sys.stderr)

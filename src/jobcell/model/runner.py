@@ -16,6 +16,13 @@ from pydantic import (
     model_validator,
 )
 
+from jobcell.executors.container import (
+    ContainerError,
+    check_container_path,
+    check_env_name,
+    check_extra_args,
+    check_image,
+)
 from jobcell.model.canonical import hash_value
 from jobcell.model.params import ParamSpec
 from jobcell.model.templating import BUILTIN_PLACEHOLDERS, placeholders
@@ -28,6 +35,8 @@ _CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 CACHE_NEUTRAL_FIELDS = frozenset({"source", "description", "resources", "executor",
                                   "concurrency_group",
                                   "max_concurrent", "retries", "cacheable", "cache_scope"})
+# Container fields that only provision (where and how the image is fetched and run).
+CONTAINER_CACHE_NEUTRAL_FIELDS = frozenset({"runtime", "pull"})
 
 
 def check_name(value: str, what: str) -> str:
@@ -63,6 +72,62 @@ class Resources(BaseModel):
     optional_gpus: int = Field(default=0, ge=0, le=1024)
 
 
+class ContainerSpec(BaseModel):
+    """How a runner runs in a container: the image and the program inside it.
+
+    Only the step directory is mounted (at ``/jobcell/step``; ``{input_dir}``,
+    ``{output_dir}`` and ``{step_dir}`` render to the paths inside). ``runtime`` and
+    ``pull`` default to the cell options ``container_runtime`` and ``container_pull``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str
+    runtime: Literal["auto", "podman", "docker", "apptainer", "singularity"] | None = None
+    pull: Literal["missing", "always", "never"] | None = None
+    command: str | None = None
+    args_template: list[str] | None = None
+    workdir: str | None = None
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        return _container_check(check_image, value)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "\x00" in value):
+            raise ValueError("container.command must be a non-empty program name or path")
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        return None if value is None else _container_check(check_container_path, value,
+                                                           "container.workdir")
+
+    @field_validator("args_template")
+    @classmethod
+    def _template_syntax(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            placeholders(item)  # raises on unbalanced braces
+        return value
+
+    @model_validator(mode="after")
+    def _extra_args(self) -> ContainerSpec:
+        _container_check(check_extra_args, self.extra_args, self.runtime)
+        return self
+
+
+def _container_check(check: Any, *args: Any) -> Any:
+    try:
+        return check(*args)
+    except ContainerError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class RunnerDefinition(BaseModel):
     """One allowlisted, versioned, resource-declared runner."""
 
@@ -80,6 +145,7 @@ class RunnerDefinition(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     executor: Literal["embedded", "slurm", "external"] | None = None
+    container: ContainerSpec | None = None
     concurrency_group: str | None = None
     max_concurrent: int | None = Field(default=None, ge=1)
     cacheable: bool = True
@@ -127,6 +193,8 @@ class RunnerDefinition(BaseModel):
 
     @model_validator(mode="after")
     def _command_or_python(self) -> RunnerDefinition:
+        if self.container is not None:
+            return self._container_rules(self.container)
         if (self.command is None) == (self.python is None):
             raise ValueError("exactly one of 'command' or 'python' must be given")
         if self.python is not None:
@@ -134,6 +202,40 @@ class RunnerDefinition(BaseModel):
                 raise ValueError(f"python {self.python!r} must look like 'package.module:function'")
             if self.args_template:
                 raise ValueError("'args_template' is not used with 'python' runners")
+        return self
+
+    def _container_rules(self, container: ContainerSpec) -> RunnerDefinition:
+        if self.plane != "artifact":
+            raise ValueError("a container runner runs on the 'artifact' plane (its steps go "
+                             "through the step wrapper and an executor)")
+        if self.command is not None and self.python is not None:
+            raise ValueError("exactly one of 'command' or 'python' must be given")
+        if self.python is not None:
+            if not _CALLABLE_RE.fullmatch(self.python):
+                raise ValueError(f"python {self.python!r} must look like 'package.module:function'")
+            if self.args_template or container.args_template:
+                raise ValueError("'args_template' is not used with 'python' runners")
+            if self.python_path:
+                raise ValueError("'python_path' is not used in a container: the image must "
+                                 "provide the module")
+        elif self.command is None and container.command is None:
+            raise ValueError("a container runner needs 'container.command' or 'command' "
+                             "(the program inside the container), or 'python'")
+        template = container.args_template if container.args_template is not None \
+            else self.args_template
+        allowed = (BUILTIN_PLACEHOLDERS - {"runner_dir"}) | set(self.params)
+        for item in template:
+            used = placeholders(item)
+            if "runner_dir" in used:
+                raise ValueError(f"item {item!r}: {{runner_dir}} is not available in a "
+                                 "container (only the step directory is mounted)")
+            unknown = used - allowed
+            if unknown:
+                raise ValueError(f"container.args_template item {item!r} uses unknown "
+                                 f"placeholder {{{sorted(unknown)[0]}}} (write {{{{ and "
+                                 "}}}} for braces)")
+        for name in self.env:
+            _container_check(check_env_name, name)
         return self
 
     @field_validator("args_template")
@@ -155,13 +257,21 @@ class RunnerDefinition(BaseModel):
     def definition_hash(self) -> str:
         """Hash of everything that determines what this runner does."""
         payload = self.model_dump(mode="json", exclude={"source", "description"})
+        if payload.get("container") is None:
+            payload.pop("container", None)  # runners without one keep their hashes
         return hash_value(payload)
 
     def cache_hash(self) -> str:
         """Hash of what determines the runner's *results*: the definition without
-        provisioning and scheduling (resources, concurrency, retries, cache flags).
+        provisioning and scheduling (resources, concurrency, retries, cache flags, and
+        the container's runtime and pull policy; its image, command and arguments count).
         Re-provisioning a runner keeps its step-cache keys."""
         payload = self.model_dump(mode="json", exclude=CACHE_NEUTRAL_FIELDS)
+        if payload.get("container") is None:
+            payload.pop("container", None)
+        else:
+            for name in CONTAINER_CACHE_NEUTRAL_FIELDS:
+                payload["container"].pop(name, None)
         return hash_value(payload)
 
 
@@ -172,12 +282,35 @@ def runner_argv(runner: RunnerDefinition, values: dict[str, Any]) -> list[str]:
     """
     from jobcell.model.templating import render_args
 
+    if runner.container is not None:
+        raise ValueError(f"runner {runner.name!r} runs in a container: its command line is "
+                         "built by jobcell.launching.build_launch")
     command = runner.command_path or runner.command
     if runner.python is not None:
         return [command or "python3", "-m", "jobcell.pyrunner", runner.python,
                 str(values["step_dir"])]
     assert command is not None
     return [command, *render_args(runner.args_template, values)]
+
+
+def container_command(runner: RunnerDefinition, values: dict[str, Any]) -> list[str]:
+    """The argv *inside* the container of a container runner (``values`` hold the paths
+    inside): ``container.command`` (else ``command``), then ``container.args_template``
+    (else ``args_template``) rendered; a Python runner runs ``jobcell.pyrunner`` with
+    ``container.command`` (default ``python3``) from the image."""
+    from jobcell.model.templating import render_args
+
+    container = runner.container
+    if container is None:
+        raise ValueError(f"runner {runner.name!r} has no container")
+    if runner.python is not None:
+        return [container.command or "python3", "-m", "jobcell.pyrunner", runner.python,
+                str(values["step_dir"])]
+    command = container.command or runner.command
+    assert command is not None
+    template = container.args_template if container.args_template is not None \
+        else runner.args_template
+    return [command, *render_args(template, values)]
 
 
 def runner_values(runner: RunnerDefinition, params: dict[str, Any], step_dir: str,
