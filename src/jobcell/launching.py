@@ -71,7 +71,8 @@ def build_launch(*, key: str, step: StepRow, runner: RunnerDefinition, attempt_d
                            step_dir + "/output")
     del paths
     extra = {"JOBCELL_JOB_ID": step.job_id, "JOBCELL_STEP_ID": step.step_id,
-             "JOBCELL_ATTEMPT": str(step.attempt), "JOBCELL_STEP_DIR": step_dir}
+             "JOBCELL_ATTEMPT": str(step.attempt), "JOBCELL_STEP_DIR": step_dir,
+             "JOBCELL_STEP_INDEX": str(step.index)}
     if gpu_env:
         # Exactly the leased devices; none at all for a step that leased none.
         extra["CUDA_VISIBLE_DEVICES"] = ",".join(step.gpus or ())

@@ -107,6 +107,7 @@ class Worker:
         self.executors: dict[str, Executor] = {
             "embedded": executor or EmbeddedExecutor(home.wrapper_script)}
         self._backend_of: dict[str, str] = {}      # executor key -> backend name
+        self._backend_errors: dict[str, str] = {}  # executor key -> last backend_error noted
         self.cache = StepCache(home, store)
         self.token = uuid.uuid4().hex
         self._running: dict[str, StepRow] = {}
@@ -313,6 +314,7 @@ class Worker:
         statuses: dict[str, Status] = {}
         for executor in list(self.executors.values()):
             statuses.update(executor.poll())
+        self._note_backend_errors(statuses, now)
         for key, status in statuses.items():
             if status.phase in (Phase.RUNNING, Phase.UNKNOWN) or key not in self._running:
                 continue
@@ -328,12 +330,31 @@ class Worker:
         for key in ended:
             self._executor_for(key).forget(key)
             self._backend_of.pop(key, None)
+            self._backend_errors.pop(key, None)
             step = self._running.pop(key)
             self._kills.pop(key, None)
             self._touched.add(step.job_id)
             if step.step_key is not None:
                 self._waiting_checked = float("-inf")  # its cache waiters can settle now
         return True
+
+    def _note_backend_errors(self, statuses: Mapping[str, Status], now: float) -> None:
+        """A backend answering nonsense about a step (an external status command printing
+        something unparsable) leaves it running; the message goes into its events once."""
+        changes = Changes()
+        for key, status in statuses.items():
+            step = self._running.get(key)
+            if status.phase != Phase.UNKNOWN or step is None:
+                continue
+            last_error = getattr(self._executor_for(key), "last_error", None)
+            message = last_error(key) if last_error is not None else None
+            if message is None or self._backend_errors.get(key) == message:
+                continue
+            self._backend_errors[key] = message
+            changes.events.append(NewEvent(step.job_id, "backend_error", now, step.step_id,
+                                           {"backend": step.backend, "message": message}))
+        if changes:
+            self._commit(changes)
 
     def _record_end(self, changes: Changes, step: StepRow, status: Status, now: float) -> None:
         key = step_key(step.job_id, step.step_id)
