@@ -35,6 +35,7 @@ from jobcell import artifacts, wakeup
 from jobcell.errors import JobcellError
 from jobcell.executors.base import Executor, Launch, Phase, Status
 from jobcell.executors.container import ContainerOptions
+from jobcell.executors.delegated import read_record
 from jobcell.executors.embedded import EmbeddedExecutor, install_wrapper
 from jobcell.executors.select import backend_of, make_executor
 from jobcell.home import CellHome, open_home
@@ -202,7 +203,19 @@ class Worker:
                 backend, executor = "embedded", self.executor
             self._backend_of[key] = backend
             executor.adopt(key, attempt_dir, backend_id)
+            if backend_id is None and executor.delegated:
+                self._recover_backend_id(step, attempt_dir)
         self._touched.update(self.store.job_ids_in_states(ACTIVE_JOB_STATES))
+
+    def _recover_backend_id(self, step: StepRow, attempt_dir: Path) -> None:
+        """A worker died between submitting and recording the backend id: the executor
+        wrote it to ``external_backend.json`` first; the database learns it now."""
+        record = read_record(attempt_dir)
+        if record is None:
+            return  # not known yet: the executor finds the job by name; noted at its end
+        step.backend_id = record.backend_id
+        self._record_submissions({step_key(step.job_id, step.step_id): record.backend_id},
+                                 self.clock())
 
     def _resync(self) -> None:
         """Forget what this worker believed and rebuild it from the store."""
@@ -360,6 +373,12 @@ class Worker:
         key = step_key(step.job_id, step.step_id)
         paths = artifacts.AttemptPaths(self.home.attempt_dir(step.job_id, step.step_id,
                                                              step.attempt))
+        if step.backend_id is None and step.backend not in (None, "embedded"):
+            record = read_record(paths.root)   # found by the executor after a crash
+            if record is not None:
+                step.backend_id = record.backend_id
+                changes.steps.append(StepUpdate(step.job_id, step.step_id,
+                                                {"backend_id": record.backend_id}))
         kill = self._kills.get(key)
         code = status.exit_code if status.phase in (Phase.EXITED, Phase.FAILED) else None
         oom_like = kill is None and (status.oom_like or oom.is_oom_like(code))

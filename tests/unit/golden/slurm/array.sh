@@ -1,0 +1,48 @@
+#!/bin/bash
+# jobcell batch script: all sbatch options are on its command line
+set -u
+module load python  # site line, verbatim
+ulimit -c 0
+case "${SLURM_ARRAY_TASK_ID:-}" in
+  0)
+    export JOBCELL_STEP_DIR=/cell/artifacts/job1/step0/attempt-1
+    /bin/bash /cell/wrapper.sh /cell/artifacts/job1/step0/attempt-1 /bin/sh -c 'echo 0 > output/x'
+    jobcell_status=$?
+    ;;
+  1)
+    export JOBCELL_STEP_DIR=/cell/artifacts/job1/step1/attempt-1
+    /bin/bash /cell/wrapper.sh /cell/artifacts/job1/step1/attempt-1 /bin/sh -c 'echo 1 > output/x'
+    jobcell_status=$?
+    ;;
+  2)
+    export HOSTILE_0='a'"'"'; echo foo'
+    export HOSTILE_1='a
+0'
+    export HOSTILE_10=''
+    export HOSTILE_11='üñí€'
+    export HOSTILE_12=''"'"''
+    export HOSTILE_13='\'
+    export HOSTILE_14='!bang #hash ~tilde'
+    export HOSTILE_15='%j %A %% percent'
+    export HOSTILE_2='$(touch pwned)'
+    export HOSTILE_3='`touch pwned`'
+    export HOSTILE_4='semi;colon && true || false'
+    export HOSTILE_5='two  spaces	and tab'
+    export HOSTILE_6='double "quotes" \ backslash'
+    export HOSTILE_7='$HOME ${PATH} $1 $@ $*'
+    export HOSTILE_8='glob * ? [a]'
+    export HOSTILE_9=-dash
+    export JOBCELL_STEP_DIR='/cell/artifacts/d'"'"'ir "x" $(touch pwned) `id`;q
+nl/attempt-2'
+    /bin/bash /cell/wrapper.sh '/cell/artifacts/d'"'"'ir "x" $(touch pwned) `id`;q
+nl/attempt-2' /bin/echo 'a'"'"'; echo foo' 'a
+0' '$(touch pwned)' '`touch pwned`' 'semi;colon && true || false' 'two  spaces	and tab' 'double "quotes" \ backslash' '$HOME ${PATH} $1 $@ $*' 'glob * ? [a]' -dash '' 'üñí€' ''"'"'' '\' '!bang #hash ~tilde' '%j %A %% percent'
+    jobcell_status=$?
+    ;;
+  *)
+    printf 'jobcell: no launch for array index %s\n' "${SLURM_ARRAY_TASK_ID:-unset}" >&2
+    exit 97
+    ;;
+esac
+echo after >&2
+exit "$jobcell_status"
