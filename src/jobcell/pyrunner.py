@@ -8,6 +8,7 @@ return value to ``output/output.json``. A raised exception is written to
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -41,13 +42,29 @@ def _call(function: Any, params: dict[str, Any], context: StepContext) -> Any:
     return function(**kwargs)
 
 
+def _relocated(inputs: dict[str, Any], staged_at: str | None,
+               input_dir: Path) -> dict[str, Any]:
+    """The manifest with each input's ``dir`` under ``input_dir`` (where this attempt
+    really is) instead of where it was staged."""
+    if not staged_at:
+        return inputs
+    moved = {}
+    for node_id, entry in inputs.items():
+        entry = dict(entry)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            entry["dir"] = str(input_dir / Path(entry["dir"]).relative_to(staged_at))
+        moved[node_id] = entry
+    return moved
+
+
 def main(argv: list[str]) -> int:
     target, attempt_dir = argv[0], Path(argv[1])
     spec = json.loads((attempt_dir / "input.json").read_text(encoding="utf-8"))
     # Paths relative to the step dir given on the command line, so the same attempt runs
     # where it was staged: on a compute node, under a path mapping, in a container.
     context = StepContext(attempt_dir, attempt_dir / "input", attempt_dir / "output",
-                          spec.get("inputs", {}))
+                          _relocated(spec.get("inputs", {}), spec.get("input_dir"),
+                                     attempt_dir / "input"))
     try:
         function = _load(target)
         value = _call(function, spec.get("params", {}), context)

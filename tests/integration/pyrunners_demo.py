@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from jobcell.pyrunner import StepContext
@@ -29,3 +30,10 @@ def boom(message: str) -> None:
 def not_json() -> object:
     """Return a value that is not JSON-serialisable."""
     return object()
+
+
+def where_inputs_are(context: StepContext) -> dict[str, Any]:
+    """Whether each upstream's manifest ``dir`` lies in this attempt's own directory."""
+    return {node: {"inside": entry["dir"].startswith(str(context.step_dir) + "/"),
+                   "files": sorted(p.name for p in Path(entry["dir"]).iterdir())}
+            for node, entry in context.inputs.items()}

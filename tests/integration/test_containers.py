@@ -199,3 +199,25 @@ def test_the_cell_options_reach_the_runtime(make_cell: Callable[..., Cell]) -> N
     assert cell.status(job)["state"] == "succeeded"
     seen = (attempt_dir(cell, job, "0-net") / "output" / "net.txt").read_text().split()
     assert seen != ["lo"]  # the host's network, as the cell option asked
+
+
+@pytest.mark.slurm
+def test_a_container_step_runs_on_slurm_inside_the_wrapper(
+        make_cell: Callable[..., Cell], slurm_cluster: Any) -> None:
+    cell = make_cell("on-slurm", executor_backend="slurm", slurm_env=dict(slurm_cluster.env),
+                     container_runtime="podman", container_pull="never",
+                     backend_poll_interval_s=0.2, backend_poll_max_interval_s=1.0)
+    cell.register_runner({"name": "produce", "command": "/bin/sh", "args_template": PRODUCE,
+                          "params": {"text": {"type": "string"}}, "outputs": ["data.txt"],
+                          "container": container(command=None)})
+    job = cell.submit({"label": "containers", "steps": [
+        {"id": "p", "runner": "produce", "params": {"text": HOSTILE_TEXT}}]}).job_id
+    run_worker(cell, timeout_s=90)
+    status = cell.status(job)
+    assert status["state"] == "succeeded", status
+    step = step_of(status, "p")
+    assert step["backend"] == "slurm" and step["backend_id"]
+    assert (attempt_dir(cell, job, "p") / "output" / "data.txt").read_text() == HOSTILE_TEXT
+    # It really went through podman inside the Slurm job's wrapper.
+    script = (attempt_dir(cell, job, "p") / "slurm-batch.sh").read_text()
+    assert "podman" in script and "--network" in script

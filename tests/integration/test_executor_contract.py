@@ -153,13 +153,18 @@ def test_python_callable_runners_pass_values_downstream(backend: Backend) -> Non
                                                                   "b": {"type": "integer"}}})
     backend.cell.register_runner({"name": "double", "python": "pyrunners_demo:double_upstream",
                                   "python_path": here, "outputs": ["doubled.txt"]})
+    backend.cell.register_runner({"name": "where", "python": "pyrunners_demo:where_inputs_are",
+                                  "python_path": here})
     job_id = backend.cell.submit({"label": "contract", "pipeline": [
         {"id": "add", "runner": "add", "params": {"a": 2, "b": 3}},
-        {"id": "double", "runner": "double", "inputs": ["add"]}]}).job_id
+        {"id": "double", "runner": "double", "inputs": ["add"]},
+        {"id": "where", "runner": "where", "inputs": ["add"]}]}).job_id
     status = finish(backend.cell, job_id)
     assert status["state"] == "succeeded", status
-    assert backend.cell.result(job_id)["result"] == {"doubled": 10,
-                                                     "staged": ["output.json"]}
+    steps = backend.cell.result(job_id)["steps"]
+    assert steps["double"] == {"doubled": 10, "staged": ["output.json"]}
+    # The manifest points into the attempt as the backend sees it (staged or not).
+    assert steps["where"] == {"add": {"inside": True, "files": ["output.json"]}}
 
 
 def test_a_nonzero_exit_fails_the_step_with_its_code_and_retries(
