@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shlex
 import tomllib
 from collections.abc import Callable, Mapping
@@ -157,7 +158,8 @@ def _path_mappings(value: Any) -> dict[str, str]:
     mappings = _mapping(value)
     if not all(k.startswith("/") and v.startswith("/") for k, v in mappings.items()):
         raise ValueError
-    return mappings
+    # "/a//" and "/a/" mean "/a": one spelling, so prefix matching finds them.
+    return {posixpath.normpath(k): posixpath.normpath(v) for k, v in mappings.items()}
 
 
 def _port(value: Any) -> int:

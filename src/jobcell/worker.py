@@ -325,8 +325,16 @@ class Worker:
         ended: list[str] = []
         changes = Changes()
         statuses: dict[str, Status] = {}
-        for executor in list(self.executors.values()):
-            statuses.update(executor.poll())
+        for name, executor in list(self.executors.items()):
+            try:
+                polled = executor.poll()
+            except Exception as exc:  # a backend's surprise must not stop the worker
+                print(f"polling {name} failed ({type(exc).__name__}: {exc}); its steps stay "
+                      "running", file=sys.stderr)
+                continue
+            # Each step's word comes from the executor that runs it.
+            statuses.update((key, status) for key, status in polled.items()
+                            if self._backend_of.get(key, "embedded") == name)
         self._note_backend_errors(statuses, now)
         for key, status in statuses.items():
             if status.phase in (Phase.RUNNING, Phase.UNKNOWN) or key not in self._running:
@@ -407,7 +415,13 @@ class Worker:
             "throttle_until": row.throttle_until, "throttle_max": row.throttle_max}))
         if outcome.verdict != Verdict.RETRY:
             return
-        raised = oom.raised_memory(step.memory_mb, s.oom_memory_factor, self.capacity.memory_mb)
+        cap = self.capacity.memory_mb
+        if step.backend not in (None, "embedded"):
+            # The backend's largest node, when it says; else the request may grow freely.
+            node_max = self._executor(step.backend).capabilities().details.get(
+                "memory_mb_per_node_max")
+            cap = int(node_max) if isinstance(node_max, int) and node_max > 0 else UNBOUNDED
+        raised = oom.raised_memory(step.memory_mb, s.oom_memory_factor, cap)
         if raised != step.memory_mb:
             changes.steps.append(StepUpdate(step.job_id, step.step_id, {"memory_mb": raised}))
             changes.events.append(NewEvent(step.job_id, "memory_raised", now, step.step_id, {
@@ -891,7 +905,8 @@ class Worker:
                           for up, attempt in self._upstream_attempts(step).items()},
                 gpu_env=backend == "embedded" and bool(self.capacity.gpus or step.gpus),
                 cell_id=self.home.cell_id, backend_path=executor.backend_path,
-                container_options=self._container_options(executor))
+                container_options=(self._container_options(executor)
+                                   if self._runner(step).container is not None else None))
         except (OSError, ValueError, JobcellError) as exc:
             self._not_started(key, attempt_dir, step.attempt, exc)
             return None
@@ -924,10 +939,15 @@ class Worker:
         for group in groups:
             try:
                 started = executor.submit(group)
-            except (OSError, ValueError, JobcellError) as exc:
+            except Exception as exc:
+                tracked = getattr(executor, "tracked", lambda: set())()
                 for launch in group:
-                    self._not_started(launch.key, launch.attempt_dir,
-                                      self._running[launch.key].attempt, exc)
+                    if launch.key in tracked:
+                        # The executor follows it (it may have reached the backend).
+                        self._backend_of[launch.key] = backend
+                    else:
+                        self._not_started(launch.key, launch.attempt_dir,
+                                          self._running[launch.key].attempt, exc)
                 continue
             for launch in group:
                 self._backend_of[launch.key] = backend

@@ -612,7 +612,7 @@ def test_a_cancel_before_the_id_is_known_is_sent_once_found(
     assert record is not None and record.backend_id == "55"
 
 
-def test_an_unreachable_sbatch_waits_for_the_grace_before_failing(
+def test_an_unreachable_sbatch_waits_for_the_grace_then_requeues(
         scripted: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
     executor, transport, clock = scripted.executor, scripted.transport, scripted.clock
     original = transport.run
@@ -627,8 +627,47 @@ def test_an_unreachable_sbatch_waits_for_the_grace_before_failing(
     assert executor.submit([launch]) == {}
     assert executor.poll()[launch.key] == Status(Phase.RUNNING)  # it may have reached Slurm
     clock.now += 6.0
+    # Not in Slurm after all: nothing ran, so the attempt is interrupted (a new one is
+    # submitted), never failed for the controller's absence.
     assert executor.poll()[launch.key] == Status(
-        Phase.FAILED, reason="sbatch failed: sbatch did not answer in 120 s")
+        Phase.INTERRUPTED, reason="sbatch failed: sbatch did not answer in 120 s")
+
+
+def test_a_controller_away_during_sbatch_is_not_a_verdict_on_the_job(
+        scripted: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, transport, clock = scripted.executor, scripted.transport, scripted.clock
+    original = transport.run
+
+    def away(argv: Sequence[str], **kwargs: Any) -> CommandResult:
+        if argv[0] == "sbatch":
+            return CommandResult(tuple(argv), 1, "", "sbatch: error: Batch job submission "
+                                 "failed: Unable to contact slurm controller (connect failure)")
+        return original(argv, **kwargs)
+
+    monkeypatch.setattr(transport, "run", away)
+    launch = scripted.launch("a", "true")
+    assert executor.submit([launch]) == {}
+    assert executor.poll()[launch.key] == Status(Phase.RUNNING)
+    clock.now += 6.0
+    assert executor.poll()[launch.key].phase == Phase.INTERRUPTED
+
+
+def test_a_definite_sbatch_rejection_fails_at_once(
+        scripted: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, transport = scripted.executor, scripted.transport
+    original = transport.run
+
+    def refuse(argv: Sequence[str], **kwargs: Any) -> CommandResult:
+        if argv[0] == "sbatch":
+            return CommandResult(tuple(argv), 1, "", "sbatch: error: invalid partition "
+                                 "specified: nosuch")
+        return original(argv, **kwargs)
+
+    monkeypatch.setattr(transport, "run", refuse)
+    launch = scripted.launch("a", "true")
+    assert executor.submit([launch]) == {}
+    status = executor.poll()[launch.key]
+    assert status.phase == Phase.FAILED and "invalid partition" in (status.reason or "")
 
 
 def test_staging_outside_the_artifacts_root_is_refused(

@@ -178,3 +178,51 @@ def test_the_login_nodes_sshd_restarting_mid_run_is_survived(
     assert calls(sbatch_log[1]) == 1
     out = cell.home.attempt_dir(job_id, "s0", 1) / "output" / "result.txt"
     assert out.exists()   # fetched back from the staging area
+
+
+def test_a_foreign_job_with_a_non_utf8_name_does_not_stop_the_worker(
+        slurm_cell: Cell, slurm_cluster: Any, tools: Path) -> None:
+    foreign = slurm_cluster.run("sbatch", "--parsable", "--job-name=" + os.fsdecode(b"caf\xe9"),
+                                "--wrap", "sleep 60")
+    assert foreign.returncode == 0, foreign.stderr
+    try:
+        register_tool(slurm_cell, tools, "w", ["write", "{output_dir}", "x.txt", "ok"])
+        job_id = slurm_cell.submit({"label": "faults", "steps": [{"runner": "w"}]}).job_id
+        run_worker(slurm_cell, timeout_s=60)
+        assert slurm_cell.status(job_id)["state"] == "succeeded"
+    finally:
+        slurm_cluster.run("scancel", foreign.stdout.strip())
+
+
+def test_a_cancel_while_the_controller_is_down_is_sent_when_it_is_back(
+        slurm_cell: Cell, slurm_cluster: Any, tools: Path, tmp_path: Path,
+        serve: Callable[[Cell], Worker]) -> None:
+    job_id = gated_job(slurm_cell, tools, tmp_path / "never-opened", steps=2)
+    serve(slurm_cell)
+    wait_for(lambda: all_started(slurm_cell, job_id), 60, "the steps to run")
+    slurm_cluster.stop_controller()
+    try:
+        slurm_cell.cancel(job_id)
+        time.sleep(3)              # scancel cannot reach the controller meanwhile
+        assert slurm_cell.status(job_id)["state"] == "running"
+    finally:
+        slurm_cluster.start_controller()
+    # The steps would run forever: only a cancel that was kept and sent ends them.
+    wait_for(lambda: slurm_cell.status(job_id)["state"] == "cancelled", 90,
+             "the job to be cancelled once the controller is back")
+    assert all(s["state"] == "cancelled" for s in slurm_cell.status(job_id)["steps"])
+
+
+def test_slurm_steps_never_see_the_workers_jobcell_settings(
+        slurm_cell: Cell, tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBCELL_ADMIN_KEY", "s3cret-admin-key")
+    slurm_cell.register_runner({"name": "env", "command": "/bin/sh",
+                                "args_template": ["-c", 'env > "$1/env.txt"', "sh",
+                                                  "{output_dir}"]})
+    job_id = slurm_cell.submit({"label": "faults", "steps": [{"id": "e",
+                                                              "runner": "env"}]}).job_id
+    run_worker(slurm_cell, timeout_s=60)
+    assert slurm_cell.status(job_id)["state"] == "succeeded"
+    seen = (slurm_cell.home.attempt_dir(job_id, "e", 1) / "output" / "env.txt").read_text()
+    assert "s3cret-admin-key" not in seen
+    assert f"JOBCELL_JOB_ID={job_id}" in seen      # jobcell's own step variables are there

@@ -339,6 +339,7 @@ class _Tracked:
     state_code: int | None = None     # the exit code it printed with it
     error: str | None = None          # why the status command's answer was not understood
     cancel_noted: bool = False
+    pending_cancel: str | None = None  # a cancel the command did not take: retried each poll
 
 
 class ExternalExecutor:
@@ -517,6 +518,9 @@ class ExternalExecutor:
             if item.submit_error is not None:
                 continue
             code = self._exit_code(item)
+            if item.pending_cancel is not None and item.backend_id is not None and (
+                    code is not None or self._cancel(item.backend_id, item.pending_cancel)):
+                item.pending_cancel = None
             if code is not None:
                 self._missing.seen(key)
                 item.error = None
@@ -621,20 +625,26 @@ class ExternalExecutor:
                 self._write(f"{key}: cannot cancel backend job {item.backend_id}: "
                             "external_cancel_cmd is not configured")
             return
-        self._cancel(item.backend_id, "KILL" if force else "TERM")
+        signal_name = "KILL" if force else "TERM"
+        item.pending_cancel = None if self._cancel(item.backend_id, signal_name) \
+            else signal_name
 
-    def _cancel(self, backend_id: str, signal_name: str) -> None:
+    def _cancel(self, backend_id: str, signal_name: str) -> bool:
+        """Run the cancel command; False when it did not take the cancel."""
         argv = self.settings.external_cancel_cmd
         if not argv:
-            return
+            return True
         try:
             result = self.transport.run([*argv, backend_id], timeout=CANCEL_TIMEOUT_S,
                                         env={"JOBCELL_CANCEL_SIGNAL": signal_name})
         except TransportError as exc:
-            self._write(f"cancelling backend job {backend_id} failed: {exc}")
-            return
+            self._write(f"cancelling backend job {backend_id} failed: {exc}; retrying")
+            return False
         if not result.ok:
-            self._write(f"cancelling backend job {backend_id} failed: {result.describe()}")
+            self._write(f"cancelling backend job {backend_id} failed: {result.describe()}; "
+                        "retrying")
+            return False
+        return True
 
     def forget(self, key: str) -> None:
         self._tracked.pop(key, None)

@@ -231,6 +231,20 @@ class SlurmExecutor:
         else:
             shutil.rmtree(local / "input", ignore_errors=True)
             shutil.copytree(local, item.attempt_dir, dirs_exist_ok=True, symlinks=True)
+        self._drop_links(item)
+
+    def _drop_links(self, item: _Tracked) -> None:
+        """A symlink the step left (say ``stderr.log`` -> ``/etc/shadow``) would point into
+        *this* host once fetched: none is kept, so logs and outputs are only what the step
+        wrote (a declared output that was a link is then missing, and the step fails)."""
+        for path in item.attempt_dir.rglob("*"):
+            try:
+                relative = path.relative_to(item.attempt_dir)
+                if relative.parts[0] != "input" and path.is_symlink():
+                    self._say(f"{item.key}: dropped the symlink {relative} fetched back")
+                    path.unlink()
+            except (OSError, ValueError, IndexError):
+                continue
 
     def _read_exit_code(self, item: _Tracked) -> int | None:
         if self._tmp_io is None:
@@ -263,7 +277,12 @@ class SlurmExecutor:
         self._submitted_since_round = True
         started: dict[str, str] = {}
         for chunk in self._chunks(self._valid(launches)):
-            started.update(self._submit_chunk(chunk))
+            submission = self._describe(chunk)
+            try:
+                started.update(self._submit_chunk(submission))
+            except Exception as exc:  # never lose track of a chunk sbatch may have taken
+                started.update(self._sbatch_failed(submission, f"{type(exc).__name__}: {exc}",
+                                                   maybe_submitted=True))
         return started
 
     def _valid(self, launches: list[Launch]) -> list[Launch]:
@@ -290,8 +309,7 @@ class SlurmExecutor:
         return [group[i:i + size] for group in groups.values()
                 for i in range(0, len(group), size)]
 
-    def _submit_chunk(self, chunk: list[Launch]) -> dict[str, str]:
-        submission = self._describe(chunk)
+    def _submit_chunk(self, submission: _Submission) -> dict[str, str]:
         try:
             argv = self._prepare(submission)
         except TransportError as exc:
@@ -309,7 +327,10 @@ class SlurmExecutor:
         if not result.ok:
             first = (result.stderr.strip() or result.stdout.strip() or
                      f"exit status {result.returncode}").splitlines()[0]
-            return self._sbatch_failed(submission, first, maybe_submitted=False)
+            # The controller being away is not a verdict on the job: look for it, then
+            # requeue the attempt rather than fail it.
+            return self._sbatch_failed(submission, first,
+                                       maybe_submitted=text.transient_error(result.stderr))
         try:
             job_id = text.parse_sbatch(result.stdout)
         except ValueError as exc:
@@ -353,7 +374,8 @@ class SlurmExecutor:
         script = text.batch_script(
             submission.launches, wrapper=wrapper, shell=self.settings.slurm_script_shell,
             before=self.settings.preparation_script_before,
-            after=self.settings.preparation_script_after, array=submission.array)
+            after=self.settings.preparation_script_after, array=submission.array,
+            unset=[name for name in os.environ if name.startswith("JOBCELL_")])
         self._write(submission.script, script.encode(), 0o755)
         if self.settings.debug_slurm_script:
             self._say(f"batch script {submission.script}:\n{script}")
@@ -435,11 +457,10 @@ class SlurmExecutor:
         item = self._tracked.get(key)
         if item is None or item.final:
             return
-        if item.backend_id is None:
-            item.cancel = force or bool(item.cancel)  # sent once the id is found
-            return
-        if not self._scancel([item.backend_id], force):
-            item.cancel = force or bool(item.cancel)
+        # Sent in the next round, batched with the others; kept until scancel took it
+        # (a controller that is down keeps it pending, never drops it).
+        item.cancel = force or bool(item.cancel)
+        self._urgent = True
 
     def _scancel(self, ids: list[str], force: bool) -> bool:
         argv = text.scancel_argv(self.settings.slurm_scancel, ids, force=force)
@@ -448,9 +469,12 @@ class SlurmExecutor:
         except TransportError as exc:
             self._say(f"scancel {' '.join(ids)} failed: {exc}; retrying next round")
             return False
-        if not result.ok:
-            self._say(f"scancel {' '.join(ids)}: {result.describe()}")
-        return True
+        if result.ok:
+            return True
+        self._say(f"scancel {' '.join(ids)}: {result.describe()}")
+        # Jobs that already ended need no cancel; anything else is tried again.
+        gone = ("invalid job id", "already completing or completed", "job has already finished")
+        return any(text_ in result.stderr.lower() for text_ in gone)
 
     def forget(self, key: str) -> None:
         item = self._tracked.pop(key, None)
@@ -539,8 +563,11 @@ class SlurmExecutor:
             return True
         if item.submit_error is None:
             return True  # adopted without an id: its exit_code file or the grace decides
-        if not item.maybe_submitted or self._missing.expired(item.key, now):
+        if not item.maybe_submitted:
             self._finish(item, Status(Phase.FAILED, reason=item.submit_error))
+        elif self._missing.expired(item.key, now):
+            # Not in Slurm after all: nothing ran; a new attempt is submitted.
+            self._finish(item, Status(Phase.INTERRUPTED, reason=item.submit_error))
         return False
 
     def _send_cancels(self, live: list[_Tracked]) -> None:
@@ -649,6 +676,7 @@ class SlurmExecutor:
             error = None if result.ok else result.describe()
         except TransportError as exc:
             error = str(exc)
+        now = self.clock()   # sinfo may have taken long: cache from when it answered
         if error is None:
             self._capabilities = text.parse_sinfo(result.stdout)
             self._capabilities_until = now + CAPABILITIES_TTL_S

@@ -136,10 +136,15 @@ def _check_shell(shell: str) -> str:
 
 
 def batch_script(launches: Sequence[Launch], *, wrapper: str, shell: str,
-                 before: Sequence[str], after: Sequence[str], array: bool) -> str:
+                 before: Sequence[str], after: Sequence[str], array: bool,
+                 unset: Sequence[str] = ()) -> str:
     """The sbatch script for one launch, or for an array of launches (index ``i`` runs
     ``launches[i]``). All sbatch options go on the command line; the script only sets up
     the environment, runs the step wrapper and exits with its status.
+
+    ``unset``: variables the job would inherit from the submitting worker (sbatch exports
+    its environment) that a step must not see, such as jobcell's own settings with the
+    admin key; removed first, before the site's lines and the step's exports.
 
     ``before``/``after`` (the site's preparation lines) are copied verbatim; the exports
     come after ``before`` so that jobcell's values win over what a module load sets.
@@ -150,7 +155,11 @@ def batch_script(launches: Sequence[Launch], *, wrapper: str, shell: str,
     if not array and len(launches) != 1:
         raise ValueError("a plain batch script runs exactly one launch; use array=True")
     lines = [f"#!{shell}", "# jobcell batch script: all sbatch options are on its command line",
-             "set -u", *before]
+             "set -u"]
+    drop = sorted({name for name in unset if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)})
+    if drop:
+        lines.append("unset " + " ".join(drop))
+    lines.extend(before)
     if array:
         lines.extend(_array_body(launches, wrapper, shell))
     else:
@@ -466,6 +475,7 @@ def parse_sinfo(text: str) -> BackendCapabilities:
     gpus = [g for _, _, g, _ in nodes.values()]
     details: dict[str, Any] = {
         "default_partition": default, "gpus_per_node_max": max(gpus),
+        "memory_mb_per_node_max": max((m for m in memory if m is not None), default=None),
         "node_states": {node: info[3] for node, info in sorted(nodes.items())}}
     return BackendCapabilities(
         "slurm", gpus=sum(gpus), gpu_source="sinfo GRES", partitions=tuple(partitions),
@@ -532,3 +542,15 @@ def interpret(state: str | None, exit_code_file: int | None, *, slurm_exit: str 
         return Status(Phase.RUNNING)
     how = f"ended as {name}" if name else "left Slurm's queue"
     return Status(Phase.INTERRUPTED, reason=f"the job {how} without writing an exit_code")
+
+
+TRANSIENT_SBATCH_ERRORS = ("unable to contact slurm controller", "socket timed out",
+                           "temporarily unable", "connection refused", "slurm_persist_conn",
+                           "try again")
+
+
+def transient_error(stderr: str) -> bool:
+    """Whether an sbatch failure says the controller was unreachable or busy (the job may
+    or may not exist; never a verdict on the job itself)."""
+    lowered = stderr.lower()
+    return any(text in lowered for text in TRANSIENT_SBATCH_ERRORS)

@@ -84,8 +84,9 @@ class LocalTransport:
             timeout: float = 60.0, env: Mapping[str, str] | None = None) -> CommandResult:
         full_env = {**os.environ, **env} if env else None
         try:
+            # A stray non-UTF-8 byte (another user's job name) must not break a round.
             done = subprocess.run(list(argv), input=input_text, capture_output=True, text=True,
-                                  timeout=timeout, env=full_env,
+                                  errors="replace", timeout=timeout, env=full_env,
                                   stdin=None if input_text is not None else subprocess.DEVNULL)
         except FileNotFoundError:
             raise TransportError(f"{argv[0]}: program not found") from None
