@@ -633,40 +633,35 @@ def test_an_unreachable_sbatch_waits_for_the_grace_then_requeues(
         Phase.INTERRUPTED, reason="sbatch failed: sbatch did not answer in 120 s")
 
 
-def test_a_controller_away_during_sbatch_is_not_a_verdict_on_the_job(
-        scripted: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
-    executor, transport, clock = scripted.executor, scripted.transport, scripted.clock
-    original = transport.run
+def sbatch_answers(scripted: Scripted, monkeypatch: pytest.MonkeyPatch, stderr: str) -> None:
+    """Make every sbatch call exit 1 with ``stderr``; other commands run as scripted."""
+    original = scripted.transport.run
 
-    def away(argv: Sequence[str], **kwargs: Any) -> CommandResult:
+    def answer(argv: Sequence[str], **kwargs: Any) -> CommandResult:
         if argv[0] == "sbatch":
-            return CommandResult(tuple(argv), 1, "", "sbatch: error: Batch job submission "
-                                 "failed: Unable to contact slurm controller (connect failure)")
+            return CommandResult(tuple(argv), 1, "", stderr)
         return original(argv, **kwargs)
 
-    monkeypatch.setattr(transport, "run", away)
+    monkeypatch.setattr(scripted.transport, "run", answer)
+
+
+def test_a_controller_away_during_sbatch_is_not_a_verdict_on_the_job(
+        scripted: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    sbatch_answers(scripted, monkeypatch, "sbatch: error: Batch job submission failed: "
+                   "Unable to contact slurm controller (connect failure)")
     launch = scripted.launch("a", "true")
-    assert executor.submit([launch]) == {}
-    assert executor.poll()[launch.key] == Status(Phase.RUNNING)
-    clock.now += 6.0
-    assert executor.poll()[launch.key].phase == Phase.INTERRUPTED
+    assert scripted.executor.submit([launch]) == {}
+    assert scripted.executor.poll()[launch.key] == Status(Phase.RUNNING)
+    scripted.clock.now += 6.0
+    assert scripted.executor.poll()[launch.key].phase == Phase.INTERRUPTED
 
 
 def test_a_definite_sbatch_rejection_fails_at_once(
         scripted: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
-    executor, transport = scripted.executor, scripted.transport
-    original = transport.run
-
-    def refuse(argv: Sequence[str], **kwargs: Any) -> CommandResult:
-        if argv[0] == "sbatch":
-            return CommandResult(tuple(argv), 1, "", "sbatch: error: invalid partition "
-                                 "specified: nosuch")
-        return original(argv, **kwargs)
-
-    monkeypatch.setattr(transport, "run", refuse)
+    sbatch_answers(scripted, monkeypatch, "sbatch: error: invalid partition specified: nosuch")
     launch = scripted.launch("a", "true")
-    assert executor.submit([launch]) == {}
-    status = executor.poll()[launch.key]
+    assert scripted.executor.submit([launch]) == {}
+    status = scripted.executor.poll()[launch.key]
     assert status.phase == Phase.FAILED and "invalid partition" in (status.reason or "")
 
 
