@@ -34,6 +34,7 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
             ("bench_cache_latency.py", ["--submissions", "10", *where]),
             ("bench_hashing.py", ["--size-mb", "64", "--repeat", "1", "--calls", "200",
                                   *where]),
+            ("bench_slurm.py", ["--steps", "30", *where]),
         ]
     return [
         ("bench_throughput.py", ["--slots", "8", "16", *where]),
@@ -42,6 +43,7 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
         ("bench_admission.py", where),
         ("bench_cache_latency.py", where),
         ("bench_hashing.py", where),
+        ("bench_slurm.py", where),
     ]
 
 

@@ -670,7 +670,14 @@ class Worker:
         yet) rather than the whole backlog: reading and parsing a thousand rows each round
         to start one step would cost more than running it.
         """
-        used = sum(step.cpu_slots for step in self._running.values())
+        if self.settings.executor_backend != "embedded":
+            # A delegated backend queues steps itself: read up to what may be in flight,
+            # so queued steps go out in few (array) submissions.
+            in_flight = sum(1 for key in self._running
+                            if self._backend_of.get(key, "embedded") != "embedded")
+            return max(min(ADMIT_BATCH, self.settings.backend_max_submitted - in_flight), 8)
+        used = sum(step.cpu_slots for key, step in self._running.items()
+                   if self._backend_of.get(key, "embedded") == "embedded")
         free = max(self.capacity.cpu_slots - used, 0)
         return min(ADMIT_BATCH, 2 * free + 8)
 
