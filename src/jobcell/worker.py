@@ -566,8 +566,8 @@ class Worker:
         for key, step in self._running.items():
             kill = self._kills.get(key)
             if kill is None:
-                if self._backend_of.get(key) == "slurm":
-                    continue  # Slurm enforces it (--time) from when the job really starts
+                if self._executor_for(key).enforces_timeout:
+                    continue  # the backend stops it itself, from when it really starts
                 if step.started_at is not None and now - step.started_at > step.timeout_s:
                     self._terminate(key, f"timed out after {step.timeout_s:g} s", now, False)
             elif not kill.forced and now >= kill.force_at:
@@ -670,16 +670,17 @@ class Worker:
         yet) rather than the whole backlog: reading and parsing a thousand rows each round
         to start one step would cost more than running it.
         """
-        if self.settings.executor_backend != "embedded":
-            # A delegated backend queues steps itself: read up to what may be in flight,
-            # so queued steps go out in few (array) submissions.
-            in_flight = sum(1 for key in self._running
-                            if self._backend_of.get(key, "embedded") != "embedded")
-            return max(min(ADMIT_BATCH, self.settings.backend_max_submitted - in_flight), 8)
-        used = sum(step.cpu_slots for key, step in self._running.items()
-                   if self._backend_of.get(key, "embedded") == "embedded")
-        free = max(self.capacity.cpu_slots - used, 0)
-        return min(ADMIT_BATCH, 2 * free + 8)
+        local = [key for key in self._running if self._backend_of.get(key, "embedded")
+                 == "embedded"]
+        used = sum(self._running[key].cpu_slots for key in local)
+        window = 2 * max(self.capacity.cpu_slots - used, 0) + 8
+        if self.settings.executor_backend != "embedded" or any(
+                executor.delegated for executor in self.executors.values()):
+            # A delegated backend queues steps itself: also read up to what may still go
+            # in flight there, so queued steps go out in few (array) submissions.
+            window += max(self.settings.backend_max_submitted
+                          - (len(self._running) - len(local)), 0)
+        return min(ADMIT_BATCH, window)
 
     def _saturated_runners(self, limits: dict[str, GroupLimit]) -> set[str]:
         """Runners whose concurrency group cannot start a step now: at its

@@ -228,15 +228,20 @@ def test_slurm_steps_never_see_the_workers_jobcell_settings(
     assert f"JOBCELL_JOB_ID={job_id}" in seen      # jobcell's own step variables are there
 
 
-def test_queued_steps_go_to_slurm_in_one_array_whatever_the_local_cpus(
+@pytest.mark.parametrize(("default", "most_sbatch"), [("slurm", 1), ("embedded", 2)])
+def test_queued_steps_go_to_slurm_in_few_arrays_whatever_the_local_cpus(
         make_cell: Callable[..., Cell], slurm_cluster: Any, tools: Path,
-        sbatch_log: tuple[Path, Path]) -> None:
-    cell = make_cell(executor_backend="slurm", slurm_env=dict(slurm_cluster.env),
+        sbatch_log: tuple[Path, Path], default: str, most_sbatch: int) -> None:
+    # ("embedded": a cell whose runner asks for Slurm itself; its first round, before the
+    # Slurm executor exists, reads only what fits the local CPU.)
+    cell = make_cell(executor_backend=default, slurm_env=dict(slurm_cluster.env),
                      slurm_sbatch=str(sbatch_log[0]), cpu_slots=1, **FAST)
     register_tool(cell, tools, "w", ["write", "{output_dir}", "x.txt", "{n}"],
-                  params={"n": {"type": "integer"}})
+                  params={"n": {"type": "integer"}}, executor="slurm")
     jobs = [cell.submit({"label": "faults", "steps": [{"runner": "w", "params": {"n": i}}]})
             for i in range(24)]
     run_worker(cell, timeout_s=90)
     assert all(cell.status(j.job_id)["state"] == "succeeded" for j in jobs)
-    assert calls(sbatch_log[1]) == 1   # the local host's one CPU does not limit the batch
+    assert all(cell.status(j.job_id)["steps"][0]["backend"] == "slurm" for j in jobs)
+    # The local host's one CPU does not limit the batches.
+    assert 1 <= calls(sbatch_log[1]) <= most_sbatch

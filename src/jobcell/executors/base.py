@@ -104,6 +104,9 @@ class Executor(Protocol):
     #: True when steps run elsewhere (Slurm, a site gateway): the cell's own CPU, memory and
     #: GPU leases do not bound them; the backend queues them.
     delegated: bool
+    #: True when the backend stops an attempt at its ``timeout_s`` itself (Slurm's
+    #: ``--time``, counted from when the job really starts, not while it is queued).
+    enforces_timeout: bool
 
     def backend_path(self, attempt_dir: Path) -> str:
         """Where the backend sees an attempt directory (path mappings, staging area)."""

@@ -147,6 +147,7 @@ class EmbeddedExecutor:
 
     name = "embedded"
     delegated = False
+    enforces_timeout = False
 
     def __init__(self, wrapper_path: Path, shell: str = "/bin/bash") -> None:
         self.wrapper_path = wrapper_path

@@ -353,6 +353,7 @@ class ExternalExecutor:
 
     name = NAME
     delegated = True
+    enforces_timeout = False
 
     def __init__(self, settings: Settings, *, wrapper_path: Path, artifacts_root: Path,
                  transport: Transport | None = None,

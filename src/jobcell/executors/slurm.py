@@ -118,6 +118,7 @@ class SlurmExecutor:
 
     name = "slurm"
     delegated = True
+    enforces_timeout = True   # --time
 
     def __init__(self, settings: Settings, *, transport: Transport, wrapper_path: Path,
                  artifacts_root: Path, cell_id: str,
