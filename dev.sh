@@ -17,16 +17,17 @@ install_python() {
 
 # System packages the test suite starts real services from (tests/services/): a Slurm
 # cluster, an sshd and podman with runc (crun fails on cgroup v1 hosts), catatonit for
-# `podman run --init`, and a static busybox for the test image. --no-install-recommends
+# `podman run --init`, a static busybox for the test image, and Debian's chromium for the
+# dashboard's browser tests (driven by Playwright; no browser download). --no-install-recommends
 # is enough for all of them when running as root (rootful podman, `--network none`).
-SYSTEM_PACKAGES=(slurm-wlm openssh-server podman runc catatonit busybox-static)
+SYSTEM_PACKAGES=(slurm-wlm openssh-server podman runc catatonit busybox-static chromium)
 
 missing_system_packages() {
   local PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
   local pair cmd pkg missing=""
   for pair in slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-wlm sshd:openssh-server \
               ssh-keygen:openssh-server podman:podman runc:runc catatonit:catatonit \
-              busybox:busybox-static; do
+              busybox:busybox-static chromium:chromium; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,8 +99,31 @@ def _read_value(output_dir: Path) -> Any:
         return None
 
 
+def _stage_files(files: Mapping[str, Path], input_dir: Path,
+                 staged: dict[str, list[int]]) -> dict[str, str]:
+    """Hard-link uploaded files (read-only, content-addressed) to ``input/<name>``."""
+    placed: dict[str, str] = {}
+    for name, source in files.items():
+        target = input_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise ValueError(f"file {name!r} clashes with a staged input of the same "
+                             "name") from None
+        except OSError:
+            if not source.is_file():
+                raise ValueError(f"uploaded file {name!r} ({source.name}) is missing from "
+                                 "the cell's upload area") from None
+            shutil.copyfile(source, target)
+        staged[str(target)] = _identity(target)
+        placed[name] = str(target)
+    return placed
+
+
 def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str, Path],
-                    layout: str, step_input: bool = True) -> AttemptPaths:
+                    layout: str, step_input: bool = True,
+                    files: Mapping[str, Path] | None = None) -> AttemptPaths:
     """Create the attempt directory and stage upstream outputs under ``input/``.
 
     ``upstream`` maps each input node id to that node's output directory. In the
@@ -108,6 +132,7 @@ def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str
     An ``inputs.json`` manifest lists every staged file. With ``step_input`` (Python
     runners), ``input.json`` also gives the params and paths.
     """
+    uploads = dict(files or {})
     paths = AttemptPaths(root)
     root.mkdir(parents=True, exist_ok=False)
     paths.output_dir.mkdir()
@@ -118,11 +143,13 @@ def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str
         files = _link_tree(source, target, staged)
         manifest[node_id] = {"dir": str(target), "files": files, "value": _read_value(source)}
     paths.input_dir.mkdir(exist_ok=True)
-    (root / "inputs.json").write_text(canonical_json({"inputs": manifest}), encoding="utf-8")
+    placed = _stage_files(uploads, paths.input_dir, staged)
+    (root / "inputs.json").write_text(canonical_json({"inputs": manifest, "files": placed}),
+                                      encoding="utf-8")
     (root / STAGED_FILE).write_text(canonical_json(staged), encoding="utf-8")
     if step_input:
         data = {"params": dict(params), "input_dir": str(paths.input_dir),
-                "output_dir": str(paths.output_dir), "inputs": manifest}
+                "output_dir": str(paths.output_dir), "inputs": manifest, "files": placed}
         (root / "input.json").write_text(canonical_json(data), encoding="utf-8")
     return paths
 

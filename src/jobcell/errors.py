@@ -25,6 +25,10 @@ class NotFoundError(JobcellError):
     """A job, step or runner does not exist."""
 
 
+class DuplicateError(JobcellError):
+    """Something with that name already exists."""
+
+
 class QuotaError(JobcellError):
     """Submitting would exceed a configured quota."""
 

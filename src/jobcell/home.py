@@ -53,6 +53,14 @@ class CellHome:
         return self.root / "staging"
 
     @property
+    def uploads(self) -> Path:
+        """Uploaded input files, content-addressed: ``uploads/<aa>/<blake3 digest>``."""
+        return self.root / "staging" / "uploads"
+
+    def upload_path(self, digest: str) -> Path:
+        return self.uploads / digest[:2] / digest
+
+    @property
     def locks(self) -> Path:
         return self.root / "locks"
 

@@ -52,7 +52,8 @@ def build_launch(*, key: str, step: StepRow, runner: RunnerDefinition, attempt_d
                  backend_path: Callable[[Path], str],
                  base_env: Mapping[str, str] | None = None,
                  container_options: ContainerOptions | None = None,
-                 which: Callable[[str], str | None] = shutil.which) -> Launch:
+                 which: Callable[[str], str | None] = shutil.which,
+                 files: Mapping[str, Path] | None = None) -> Launch:
     """Prepare the attempt directory and describe how to start it.
 
     ``gpu_env``: set ``CUDA_VISIBLE_DEVICES`` to exactly the step's leased devices (also
@@ -65,7 +66,7 @@ def build_launch(*, key: str, step: StepRow, runner: RunnerDefinition, attempt_d
     ``which`` finds the runtime.
     """
     paths = artifacts.prepare_attempt(attempt_dir, step.params, upstream, step.input_layout,
-                                      step_input=runner.python is not None)
+                                      step_input=runner.python is not None, files=files)
     step_dir = backend_path(attempt_dir)
     values = runner_values(runner, step.params, step_dir, step_dir + "/input",
                            step_dir + "/output")

@@ -160,7 +160,8 @@ class Cell:
         owner = owner or default_owner()
         runners = self.runners()
         now = time.time()
-        compiled = [self._compile(spec, runners, label, tags, i) for i, spec in enumerate(specs)]
+        compiled = [self._compile(spec, runners, label, tags, i, owner)
+                    for i, spec in enumerate(specs)]
         # Dedup, quotas and the insert form one decision: submitters take turns, so two of
         # them cannot both create "the" job for one spec_hash or both fit the last quota slot.
         with self._submit_lock():
@@ -201,7 +202,7 @@ class Cell:
         return results, rows, events
 
     def _compile(self, spec: Any, runners: dict[str, RunnerDefinition], label: str | None,
-                 tags: Sequence[str], position: int) -> CompiledJob:
+                 tags: Sequence[str], position: int, owner: str) -> CompiledJob:
         from jobcell.model.spec import compile_spec
         from jobcell.scheduler.admission import never_fits_reason
 
@@ -213,7 +214,8 @@ class Cell:
             if tags and (existing is None or isinstance(existing, (list, tuple))):
                 spec["tags"] = [*(existing or []), *tags]
         try:
-            job = compile_spec(spec, runners)
+            job = compile_spec(spec, runners,
+                               upload_size=lambda digest: self.store.upload_size(digest, owner))
         except SpecError as exc:
             raise SpecError(f"job {position}: {exc}" if position else str(exc)) from None
         for step in job.steps:
@@ -261,10 +263,43 @@ class Cell:
             timeout_s=s.resources.timeout_s, retries=s.runner.retries,
             state=StepState.PENDING if s.inputs else StepState.QUEUED,
             priority=job.priority, owner=owner,
-            cache_ns="*" if s.runner.cache_scope == "cell" else job.label) for s in job.steps]
+            cache_ns="*" if s.runner.cache_scope == "cell" else job.label,
+            files=s.files, profile=s.profile) for s in job.steps]
         return JobRow(job_id=job_id, label=job.label, owner=owner, tags=list(job.tags),
                       priority=job.priority, state=JobState.QUEUED, spec=job.spec,
                       spec_hash=job.spec_hash, created_at=now, updated_at=now, steps=steps)
+
+    # -- uploads and users (the HTTP server's front door)
+    def upload(self, chunks: Iterable[bytes], *, owner: str | None = None) -> dict[str, Any]:
+        """Store an input file by content; a job step names it in ``files`` by digest."""
+        from jobcell.uploads import store_upload
+
+        return store_upload(self.home, self.store, chunks, owner or default_owner(),
+                            self.settings.upload_max_mb * 1024 * 1024)
+
+    def add_user(self, name: str) -> dict[str, Any]:
+        """Add an API user; the answer holds their bearer token (shown only here)."""
+        from jobcell import accounts
+
+        return accounts.add_user(self.store, name)
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every API user (never a token)."""
+        from jobcell import accounts
+
+        return accounts.list_users(self.store)
+
+    def revoke_user(self, name: str) -> dict[str, Any]:
+        """Revoke an API user's token."""
+        from jobcell import accounts
+
+        return accounts.revoke_user(self.store, name)
+
+    def authenticate(self, token: str) -> str | None:
+        """The user holding this bearer token, or None (unknown or revoked)."""
+        from jobcell import accounts
+
+        return accounts.authenticate(self.store, token)
 
     # -- the session plane
     def run_session(self, runner_name: str, params: dict[str, Any] | None = None, *,
@@ -575,5 +610,6 @@ def job_status(job: JobRow) -> dict[str, Any]:
                    "attempt": s.attempt, "exit_code": s.exit_code, "error": s.error,
                    "inputs": s.inputs, "runner_hash": s.runner_hash,
                    "started_at": iso(s.started_at), "finished_at": iso(s.finished_at),
-                   "backend": s.backend, "backend_id": s.backend_id}
+                   "backend": s.backend, "backend_id": s.backend_id, "profile": s.profile,
+                   "cpu_slots": s.cpu_slots, "memory_mb": s.memory_mb, "files": s.files}
                   for s in job.steps]}

@@ -206,6 +206,8 @@ OPTIONS: dict[str, Option] = {
     "runner_registry_autosync": Option(True, _bool, "true or false"),
     "poll_interval_s": Option(0.2, _positive_float, "a positive number of seconds"),
     "admin_key": Option(None, _optional_text, "a string", secret=True),
+    "upload_max_mb": Option(10240, _positive_int, "a positive integer (MiB)"),
+    "download_url_ttl_s": Option(3600.0, _positive_float, "a positive number of seconds"),
     "worker_idle_exit_s": Option(600.0, _non_negative_float,
                                  "a non-negative number of seconds (0 = never)"),
     "worker_heartbeat_ttl_s": Option(15.0, _positive_float, "a positive number of seconds"),

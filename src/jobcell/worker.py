@@ -914,7 +914,9 @@ class Worker:
                 gpu_env=backend == "embedded" and bool(self.capacity.gpus or step.gpus),
                 cell_id=self.home.cell_id, backend_path=executor.backend_path,
                 container_options=(self._container_options(executor)
-                                   if self._runner(step).container is not None else None))
+                                   if self._runner(step).container is not None else None),
+                files={name: self.home.upload_path(digest)
+                       for name, digest in step.files.items()})
         except (OSError, ValueError, JobcellError) as exc:
             self._not_started(key, attempt_dir, step.attempt, exc)
             return None

@@ -33,7 +33,7 @@ def test_a_version_1_cell_is_upgraded_and_keeps_its_jobs(tmp_path: Path) -> None
     make_v1_database(path)
     store = SQLiteStore(path)
     try:
-        assert store.schema_version() == len(MIGRATIONS) == 3
+        assert store.schema_version() == len(MIGRATIONS) == 4
         job = store.get_job("j1")
         assert job is not None and job.label == "imaging"
         [step] = job.steps
@@ -42,12 +42,15 @@ def test_a_version_1_cell_is_upgraded_and_keeps_its_jobs(tmp_path: Path) -> None
         assert (step.cache_ns, step.step_key, step.gpus) == ("imaging", None, None)
         # Old steps ran on the embedded executor; they have no backend recorded.
         assert (step.backend, step.backend_id) == (None, None)
+        # Old steps were given no uploaded files and no resource profile.
+        assert (step.files, step.profile) == ({}, None)
+        assert store.users() == [] and store.open_deliveries() == []
         assert store.attempts("j1") == []
         assert store.cooldowns() == [] and store.file_hash("/x") is None
     finally:
         store.close()
     reopened = SQLiteStore(path)        # the second open only reads
     try:
-        assert reopened.schema_version() == 3
+        assert reopened.schema_version() == 4
     finally:
         reopened.close()

@@ -32,7 +32,7 @@ MAX_NAME_LENGTH = 100
 _NAME_RE = re.compile(NAME_PATTERN)
 _CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # Fields that change how a step is run, never what it computes.
-CACHE_NEUTRAL_FIELDS = frozenset({"source", "description", "resources", "executor",
+CACHE_NEUTRAL_FIELDS = frozenset({"source", "description", "resources", "profiles", "executor",
                                   "concurrency_group",
                                   "max_concurrent", "retries", "cacheable", "cache_scope"})
 # Container fields that only provision (where and how the image is fetched and run).
@@ -70,6 +70,48 @@ class Resources(BaseModel):
     timeout_s: float = Field(default=3600, gt=0, le=366 * 86400, allow_inf_nan=False)
     gpus: int = Field(default=0, ge=0, le=1024)
     optional_gpus: int = Field(default=0, ge=0, le=1024)
+
+
+class ProfileResources(BaseModel):
+    """The resources a profile changes; what it leaves out comes from the runner's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_mb: int | None = Field(default=None, ge=0, le=2**40)
+    cpu_slots: int | None = Field(default=None, ge=0, le=1_000_000)
+    timeout_s: float | None = Field(default=None, gt=0, le=366 * 86400, allow_inf_nan=False)
+    gpus: int | None = Field(default=None, ge=0, le=1024)
+    optional_gpus: int | None = Field(default=None, ge=0, le=1024)
+
+
+class ResourceProfile(BaseModel):
+    """A named set of resources chosen at submit by the size of a step's input.
+
+    A profile applies when every threshold it declares holds: the total bytes of the
+    step's uploaded files is at most ``max_input_bytes``, and the param ``count_param``
+    is at most ``max_count``. A profile without thresholds always applies (a fallback).
+    The first profile that applies wins (see :mod:`jobcell.model.profiles`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    max_input_bytes: int | None = Field(default=None, ge=0)
+    count_param: str | None = None
+    max_count: float | None = Field(default=None, allow_inf_nan=False)
+    resources: ProfileResources = Field(default_factory=ProfileResources)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "profile name")
+
+    @model_validator(mode="after")
+    def _count_pair(self) -> ResourceProfile:
+        if (self.count_param is None) != (self.max_count is None):
+            raise ValueError(f"profile {self.name!r}: 'count_param' and 'max_count' go "
+                             "together")
+        return self
 
 
 class ContainerSpec(BaseModel):
@@ -144,6 +186,7 @@ class RunnerDefinition(BaseModel):
     args_template: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
+    profiles: list[ResourceProfile] = Field(default_factory=list)
     executor: Literal["embedded", "slurm", "external"] | None = None
     container: ContainerSpec | None = None
     concurrency_group: str | None = None
@@ -190,6 +233,23 @@ class RunnerDefinition(BaseModel):
             if name in BUILTIN_PLACEHOLDERS:
                 raise ValueError(f"param name {name!r} is reserved for a built-in placeholder")
         return value
+
+    @model_validator(mode="after")
+    def _profiles(self) -> RunnerDefinition:
+        seen: set[str] = set()
+        for profile in self.profiles:
+            if profile.name in seen:
+                raise ValueError(f"profile {profile.name!r} is declared twice")
+            seen.add(profile.name)
+            if profile.count_param is not None:
+                spec = self.params.get(profile.count_param)
+                if spec is None or spec.type not in ("integer", "number"):
+                    raise ValueError(f"profile {profile.name!r}: count_param "
+                                     f"{profile.count_param!r} must name an integer or number "
+                                     "param of this runner")
+            Resources(**{**self.resources.model_dump(),
+                         **profile.resources.model_dump(exclude_none=True)})
+        return self
 
     @model_validator(mode="after")
     def _command_or_python(self) -> RunnerDefinition:
@@ -259,6 +319,8 @@ class RunnerDefinition(BaseModel):
         payload = self.model_dump(mode="json", exclude={"source", "description"})
         if payload.get("container") is None:
             payload.pop("container", None)  # runners without one keep their hashes
+        if not payload.get("profiles"):
+            payload.pop("profiles", None)   # likewise runners without profiles
         return hash_value(payload)
 
     def cache_hash(self) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -12,12 +13,17 @@ from jobcell.errors import SpecError
 from jobcell.model.canonical import canonical_json, hash_value
 from jobcell.model.dag import CycleError, topological_order
 from jobcell.model.params import validate_params
-from jobcell.model.runner import Resources, RunnerDefinition, check_name
+from jobcell.model.profiles import apply_profile
+from jobcell.model.runner import Resources, RunnerDefinition, check_name, check_relative_path
 from jobcell.model.validation import describe_validation_error
 
 MAX_SPEC_BYTES = 1_048_576
 MAX_STEPS = 10_000
 SPEC_HASH_VERSION = 1
+MAX_FILES_PER_NODE = 1000
+DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
+# The size of an upload the submitting owner made (by its BLAKE3 digest), or None.
+UploadSize = Callable[[str], "int | None"]
 
 
 class NodeSpec(BaseModel):
@@ -29,7 +35,22 @@ class NodeSpec(BaseModel):
     runner: str
     params: dict[str, Any] = Field(default_factory=dict)
     inputs: list[str] = Field(default_factory=list)
+    files: dict[str, str] = Field(default_factory=dict)
     cache: bool | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_FILES_PER_NODE:
+            raise ValueError(f"at most {MAX_FILES_PER_NODE} files per node, got {len(value)}")
+        for name, digest in value.items():
+            check_relative_path(name, "file name")
+            if len(name) > 1000 or "\x00" in name:
+                raise ValueError(f"file name {name[:40]!r} is too long or has a NUL character")
+            if not isinstance(digest, str) or not DIGEST_PATTERN.fullmatch(digest):
+                raise ValueError(f"file {name!r}: {str(digest)[:80]!r} is not the BLAKE3 hex "
+                                 "digest of an upload (64 lowercase hex digits)")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -80,6 +101,8 @@ class CompiledStep:
     inputs: tuple[str, ...]
     input_layout: Literal["nested", "flat"]
     cache: bool
+    files: dict[str, str] = field(default_factory=dict)
+    profile: str | None = None
 
     @property
     def resources(self) -> Resources:
@@ -162,8 +185,29 @@ def _check_graph(nodes: list[NodeSpec]) -> list[str]:
         raise SpecError(str(exc)) from None
 
 
-def compile_spec(data: Any, runners: Mapping[str, RunnerDefinition]) -> CompiledJob:
-    """Validate a spec against the registered runners and compile it to ordered steps."""
+def _input_bytes(node: NodeSpec, layout: str, upload_size: UploadSize | None) -> int:
+    """Total bytes of a node's uploaded files (each must be an upload of the submitter)."""
+    total = 0
+    for name, digest in node.files.items():
+        if layout == "nested" and name.replace("\\", "/").split("/")[0] in node.inputs:
+            raise SpecError(f"node {node.id!r}: file {name!r} would be staged where the "
+                            f"outputs of input {name.split('/')[0]!r} go")
+        size = upload_size(digest) if upload_size is not None else None
+        if size is None:
+            raise SpecError(f"node {node.id!r}: file {name!r} refers to {digest}, which is "
+                            "not an upload of yours (upload the file first)")
+        total += size
+    return total
+
+
+def compile_spec(data: Any, runners: Mapping[str, RunnerDefinition],
+                 upload_size: UploadSize | None = None) -> CompiledJob:
+    """Validate a spec against the registered runners and compile it to ordered steps.
+
+    ``upload_size`` resolves the nodes' ``files`` (upload digests); without it a spec
+    that names files is refused. A runner's resource profile is chosen here, from the
+    total bytes of the node's files and its params, and recorded on the step.
+    """
     spec = parse_spec(data)
     nodes, layout = _ordered_nodes(spec)
     order = _check_graph(nodes)
@@ -179,10 +223,17 @@ def compile_spec(data: Any, runners: Mapping[str, RunnerDefinition]) -> Compiled
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         cache = spec.cache and node.cache is not False and runner.cacheable
+        input_bytes = _input_bytes(node, layout, upload_size)
+        runner, profile = apply_profile(runner, input_bytes, params)
         steps.append(CompiledStep(
             step_id=node_id, index=index, runner=runner, runner_hash=runner.definition_hash(),
-            params=params, inputs=tuple(node.inputs), input_layout=layout, cache=cache))
+            params=params, inputs=tuple(node.inputs), input_layout=layout, cache=cache,
+            files=dict(node.files), profile=profile))
     canonical = spec.model_dump(mode="json", exclude_none=True)
+    for key in ("steps", "pipeline"):
+        for entry in canonical.get(key) or ():
+            if not entry.get("files"):
+                entry.pop("files", None)   # specs without files keep their form
     return CompiledJob(
         label=spec.label, tags=tuple(spec.tags), priority=spec.priority, cache=spec.cache,
         spec=canonical, spec_hash=spec_hash(spec.label, steps), steps=tuple(steps))
@@ -195,7 +246,8 @@ def spec_hash(label: str, steps: list[CompiledStep]) -> str:
         "label": label,
         "steps": [
             {"id": s.step_id, "runner": s.runner.name, "runner_hash": s.runner_hash,
-             "params": s.params, "inputs": list(s.inputs), "layout": s.input_layout}
+             "params": s.params, "inputs": list(s.inputs), "layout": s.input_layout,
+             **({"files": s.files} if s.files else {})}
             for s in steps
         ],
     })

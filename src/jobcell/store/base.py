@@ -56,6 +56,8 @@ class StepRow:
     cache_ns: str = ""                 # cache namespace: the job's label, or "*" (cell scope)
     backend: str | None = None         # executor of the current attempt (embedded, slurm, ...)
     backend_id: str | None = None      # its id there (PID, Slurm job id), once submitted
+    files: dict[str, str] = field(default_factory=dict)  # staged name -> upload digest
+    profile: str | None = None         # the runner's resource profile chosen at submit
 
 
 @dataclass
@@ -266,3 +268,43 @@ class Store(Protocol):
 
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
+    # the HTTP server's tables: users, uploads, subscriber callbacks
+    def add_user(self, name: str, token_hash: str, now: float) -> None: ...
+    def users(self) -> list[UserRow]: ...
+    def user_by_token_hash(self, token_hash: str) -> UserRow | None: ...
+    def revoke_user(self, name: str, now: float) -> bool: ...
+    def record_upload(self, digest: str, owner: str, size: int, now: float) -> None: ...
+    def upload_size(self, digest: str, owner: str) -> int | None: ...
+    def add_deliveries(self, job_id: str, uris: dict[str, str]) -> None: ...
+    def open_deliveries(self, limit: int = 500) -> list[DeliveryRow]: ...
+    def update_delivery(self, seq: int, **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """An API user: the SHA-256 of their bearer token, never the token itself."""
+
+    name: str
+    token_hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One subscriber callback (OGC ``successUri``, ``inProgressUri``, ``failedUri``).
+
+    ``state``: ``waiting`` (its trigger has not happened), ``due`` (send at ``next_at``),
+    ``done`` (delivered), ``gave_up`` (retries exhausted) or ``skipped`` (the job ended
+    another way).
+    """
+
+    seq: int
+    job_id: str
+    kind: str
+    uri: str
+    state: str
+    attempts: int
+    next_at: float | None
+    last_error: str | None
+    delivered_at: float | None

@@ -137,4 +137,36 @@ MIGRATIONS: list[str] = [
     ALTER TABLE attempts ADD COLUMN backend TEXT;
     ALTER TABLE attempts ADD COLUMN backend_id TEXT;
     """,
+    # version 4: the HTTP server's users and tokens, uploads, OGC subscriber callbacks;
+    # per step the files it was given (uploads) and the resource profile chosen at submit
+    """
+    ALTER TABLE steps ADD COLUMN files TEXT;
+    ALTER TABLE steps ADD COLUMN profile TEXT;
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE TABLE uploads (
+        digest TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (digest, owner)
+    ) WITHOUT ROWID;
+    CREATE TABLE deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'waiting',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL,
+        last_error TEXT,
+        delivered_at REAL,
+        UNIQUE (job_id, kind)
+    );
+    CREATE INDEX deliveries_open ON deliveries (state, next_at) WHERE state != 'done';
+    """,
 ]

@@ -27,6 +27,7 @@ from jobcell.store.base import (
     StepRow,
 )
 from jobcell.store.schema import MIGRATIONS
+from jobcell.store.sqlite_server import ServerTables
 
 _STEP_FIELDS = frozenset({"state", "attempt", "failures", "exit_code", "not_before", "started_at",
                           "finished_at", "pid", "error", "memory_mb", "gpus", "step_key",
@@ -37,7 +38,7 @@ _JOB_COLUMNS = ("job_id, label, owner, tags, priority, state, spec, spec_hash, c
 _STEP_COLUMNS = ("job_id, step_id, idx, runner, runner_hash, runner_def, params, inputs, "
                  "input_layout, cache, cpu_slots, memory_mb, timeout_s, retries, state, attempt, "
                  "failures, exit_code, not_before, started_at, finished_at, pid, error, priority, "
-                 "owner, seq, gpus, step_key, cache_ns, backend, backend_id")
+                 "owner, seq, gpus, step_key, cache_ns, backend, backend_id, files, profile")
 _LOCK_NAME = "scheduler"
 
 
@@ -45,7 +46,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-class SQLiteStore:
+class SQLiteStore(ServerTables):
     """The embedded default store: one SQLite file in WAL mode."""
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
@@ -154,7 +155,8 @@ class SQLiteStore:
             started_at=row["started_at"], finished_at=row["finished_at"], pid=row["pid"],
             error=row["error"], priority=row["priority"], owner=row["owner"], seq=row["seq"],
             gpus=json.loads(row["gpus"]) if row["gpus"] else None, step_key=row["step_key"],
-            cache_ns=row["cache_ns"], backend=row["backend"], backend_id=row["backend_id"])
+            cache_ns=row["cache_ns"], backend=row["backend"], backend_id=row["backend_id"],
+            files=json.loads(row["files"]) if row["files"] else {}, profile=row["profile"])
 
     # -- jobs
     def insert_jobs(self, jobs: Sequence[JobRow], events: Sequence[NewEvent]) -> None:
@@ -165,7 +167,8 @@ class SQLiteStore:
         step_rows = [(s.job_id, s.step_id, s.index, s.runner, s.runner_hash,
                       _dumps(s.runner_def), _dumps(s.params), _dumps(s.inputs), s.input_layout,
                       int(s.cache), s.cpu_slots, s.memory_mb, s.timeout_s, s.retries,
-                      str(s.state), s.attempt, s.priority, s.owner, s.cache_ns)
+                      str(s.state), s.attempt, s.priority, s.owner, s.cache_ns,
+                      _dumps(s.files) if s.files else None, s.profile)
                      for j in jobs for s in j.steps]
         with self._tx() as conn:
             conn.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES "
@@ -174,8 +177,8 @@ class SQLiteStore:
             conn.executemany(
                 "INSERT INTO steps (job_id, step_id, idx, runner, runner_hash, runner_def, "
                 "params, inputs, input_layout, cache, cpu_slots, memory_mb, timeout_s, retries, "
-                "state, attempt, priority, owner, cache_ns) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, attempt, priority, owner, cache_ns, files, profile) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 step_rows)
             self._insert_events(conn, events)
 
@@ -381,7 +384,7 @@ class SQLiteStore:
                 if cursor.rowcount != 1:
                     continue  # gone already, or not terminal: never delete live work
                 deleted += 1
-                for table in ("attempts", "events", "outputs"):
+                for table in ("attempts", "events", "outputs", "deliveries"):
                     conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
         return deleted
 

@@ -1,0 +1,81 @@
+"""The FastAPI app of ``jobcell serve``: REST API, OGC API - Processes, dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from jobcell import __version__
+from jobcell.home import CellHome
+from jobcell.server.deps import ServerState
+from jobcell.server.problems import Problem, install_problem_handlers
+from jobcell.server.signing import UrlSigner, load_signing_key
+from jobcell.service import Cell
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(home: str | os.PathLike[str] | CellHome | None = None, *,
+               cell: Cell | None = None, settings: dict[str, Any] | None = None,
+               start_worker: bool = True, callbacks: bool = True) -> FastAPI:
+    """The server app for one cell.
+
+    ``start_worker``: start (or join) the cell's embedded worker when the app starts.
+    ``callbacks``: run the OGC subscriber-callback sender while the app runs.
+    """
+    from jobcell.server import api, files, ogc, ui
+    from jobcell.server import callbacks as callback_sender
+
+    cell = cell or Cell(home, settings=settings)
+    signer = UrlSigner(load_signing_key(cell.home), cell.settings.download_url_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_worker:
+            await asyncio.to_thread(cell.ensure_worker)
+        stop = asyncio.Event()
+        sender = (asyncio.create_task(callback_sender.run(cell, stop)) if callbacks
+                  else None)
+        try:
+            yield
+        finally:
+            stop.set()
+            if sender is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(sender, timeout=5)
+
+    app = FastAPI(title="jobcell", version=__version__, lifespan=lifespan,
+                  description="A durable job runtime for scientific computing: REST API "
+                              "(/api/v1), OGC API - Processes (/, /processes, /jobs) and a "
+                              "web dashboard (/ui).")
+    app.state.jobcell = ServerState(cell=cell, signer=signer)
+    install_problem_handlers(app)
+    app.include_router(api.router)
+    app.include_router(files.router)
+    app.include_router(ogc.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
+    _register_problem_schema(app)
+    return app
+
+
+def _register_problem_schema(app: FastAPI) -> None:
+    """Make ``#/components/schemas/Problem`` exist even if no route lists it by model."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.setdefault("Problem", Problem.model_json_schema())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
