@@ -94,8 +94,7 @@ class StepCache:
         # Uploaded files are content-addressed already: their digest is their content.
         digests.extend(f"file:{name}/{digest}" for name, digest in sorted(step.files.items()))
         key = step_key(runner=step.runner, runner_hash=self._cache_hash(step, runner),
-                       params=step.params,
-                       input_layout=step.input_layout if step.inputs or step.files else "",
+                       params=step.params, input_layout=step.input_layout if step.inputs else "",
                        input_digests=digests)
         self.memo.flush()
         self._keys[(step.job_id, step.step_id)] = key
