@@ -150,12 +150,14 @@ class Cell:
 
     # -- submit
     def submit(self, spec: Any, *, owner: str | None = None, label: str | None = None,
-               tags: Sequence[str] = ()) -> SubmitResult:
-        """Validate and store one job (or return an identical active/succeeded one)."""
-        return self.submit_many([spec], owner=owner, label=label, tags=tags)[0]
+               tags: Sequence[str] = (), dedup: bool = True) -> SubmitResult:
+        """Validate and store one job (or return an identical active/succeeded one;
+        ``dedup=False`` always makes a new job, whose steps may still be cache hits)."""
+        return self.submit_many([spec], owner=owner, label=label, tags=tags, dedup=dedup)[0]
 
     def submit_many(self, specs: Iterable[Any], *, owner: str | None = None,
-                    label: str | None = None, tags: Sequence[str] = ()) -> list[SubmitResult]:
+                    label: str | None = None, tags: Sequence[str] = (),
+                    dedup: bool = True) -> list[SubmitResult]:
         """Validate and store many jobs in one transaction (all or none)."""
         owner = owner or default_owner()
         runners = self.runners()
@@ -165,7 +167,7 @@ class Cell:
         # Dedup, quotas and the insert form one decision: submitters take turns, so two of
         # them cannot both create "the" job for one spec_hash or both fit the last quota slot.
         with self._submit_lock():
-            results, rows, events = self._new_rows(compiled, owner, now)
+            results, rows, events = self._new_rows(compiled, owner, now, dedup)
             self._check_quotas(owner, len(rows))
             if rows:
                 self.store.insert_jobs(rows, events)
@@ -181,14 +183,14 @@ class Cell:
             fcntl.flock(guard, fcntl.LOCK_EX)
             yield
 
-    def _new_rows(self, compiled: list[CompiledJob], owner: str, now: float
+    def _new_rows(self, compiled: list[CompiledJob], owner: str, now: float, dedup: bool
                   ) -> tuple[list[SubmitResult], list[JobRow], list[NewEvent]]:
         results: list[SubmitResult] = []
         rows: list[JobRow] = []
         events: list[NewEvent] = []
         fresh: dict[str, str] = {}
         for job in compiled:
-            existing = self._dedup(job, owner, fresh)
+            existing = self._dedup(job, owner, fresh) if dedup else None
             if existing is not None:
                 results.append(SubmitResult(existing, True))
                 continue

@@ -1,4 +1,8 @@
-"""Uploaded input files: streamed in, hashed with BLAKE3, stored once by content."""
+"""Uploaded input files: streamed in, hashed with BLAKE3, stored once by content.
+
+An upload is written chunk by chunk into a temporary file in the upload area (never
+held in memory whole), hashed as it arrives, and then moved to its content address.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
 
 import blake3
 
@@ -15,40 +20,83 @@ from jobcell.home import CellHome
 from jobcell.store import Store
 
 
+class UploadTooLargeError(SpecError):
+    """An upload went over the cell's size limit (option ``upload_max_mb``)."""
+
+
+def too_large(max_bytes: int) -> UploadTooLargeError:
+    """The error for an upload over ``max_bytes``."""
+    return UploadTooLargeError(f"the upload is larger than the cell's limit of {max_bytes} "
+                               "bytes (option upload_max_mb)")
+
+
+class UploadWriter:
+    """One upload in progress: :meth:`write` chunks, then :meth:`finish` (or :meth:`abort`).
+
+    As a context manager it aborts unless finished, so nothing half-written is kept.
+    """
+
+    def __init__(self, home: CellHome, max_bytes: int) -> None:
+        self.home = home
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hasher = blake3.blake3()
+        home.uploads.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".upload-", dir=home.uploads)
+        self._temp = Path(name)
+        self._handle = os.fdopen(fd, "wb")
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        """Append one chunk; over the limit raises :class:`UploadTooLargeError`."""
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise too_large(self.max_bytes)
+        self._hasher.update(chunk)
+        self._handle.write(chunk)
+
+    def finish(self) -> tuple[str, int]:
+        """Make the upload durable under its digest; answers ``(digest, size)``."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        digest = self._hasher.hexdigest()
+        target = self.home.upload_path(digest)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            self._temp.unlink()
+        else:
+            self._temp.chmod(0o444)   # steps get hard links to it: nobody may change it
+            self._temp.replace(target)
+        self._done = True
+        return digest, self.size
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if not self._done:
+            self._handle.close()
+            self._temp.unlink(missing_ok=True)
+            self._done = True
+
+    def __enter__(self) -> UploadWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.abort()
+
+
 def store_upload(home: CellHome, store: Store, chunks: Iterable[bytes], owner: str,
                  max_bytes: int) -> dict[str, int | str]:
     """Write ``chunks`` into the cell's upload area; answer ``{"digest", "size"}``.
 
     The file lands under its BLAKE3 digest, read-only (steps get hard links to it), and
     is recorded as an upload of ``owner``: a job may name only its owner's uploads. A
-    body over ``max_bytes`` is refused and nothing is kept.
+    body over ``max_bytes`` is refused (:class:`UploadTooLargeError`) and nothing is kept.
     """
-    home.uploads.mkdir(parents=True, exist_ok=True)
-    hasher = blake3.blake3()
-    size = 0
-    fd, temp_name = tempfile.mkstemp(prefix=".upload-", dir=home.uploads)
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise SpecError(f"the upload is larger than the cell's limit of "
-                                    f"{max_bytes} bytes (option upload_max_mb)")
-                hasher.update(chunk)
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        digest = hasher.hexdigest()
-        target = home.upload_path(digest)
-        target.parent.mkdir(exist_ok=True)
-        if target.exists():
-            temp.unlink()
-        else:
-            temp.chmod(0o444)
-            temp.replace(target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with UploadWriter(home, max_bytes) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+        digest, size = writer.finish()
     store.record_upload(digest, owner, size, time.time())
     return {"digest": digest, "size": size}

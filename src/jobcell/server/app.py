@@ -75,7 +75,22 @@ def _register_problem_schema(app: FastAPI) -> None:
             schema = original()
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
             schemas.setdefault("Problem", Problem.model_json_schema())
+            _admin_needs_both(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _admin_needs_both(schema: dict[str, Any]) -> None:
+    """Admin routes need the bearer token *and* the admin key: one security requirement
+    with both schemes (FastAPI lists them as alternatives)."""
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/api/v1/admin/"):
+            continue
+        for operation in operations.values():
+            if isinstance(operation, dict) and operation.get("security"):
+                merged: dict[str, list[str]] = {}
+                for requirement in operation["security"]:
+                    merged.update(requirement)
+                operation["security"] = [merged]
