@@ -26,7 +26,12 @@ def __getattr__(name: str) -> Any:
         from jobcell.pyrunner import StepContext
 
         return StepContext
+    if name in ("task", "task_client", "TaskFailed"):
+        import jobcell.client
+
+        return getattr(jobcell.client, name)
     raise AttributeError(name)
 
 
-__all__ = ["Cell", "StepContext", "__version__", "register_runner"]
+__all__ = ["Cell", "StepContext", "TaskFailed", "__version__", "register_runner", "task",
+           "task_client"]

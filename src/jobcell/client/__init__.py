@@ -1,0 +1,46 @@
+"""The Python task client: awaitable task functions, configuration scopes, a client-side
+execution cache that makes re-running a script re-attach, callbacks and backends."""
+
+from __future__ import annotations
+
+from jobcell.client.backends import (
+    Backend,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    LocalBackend,
+    TaskDefinition,
+    TaskRegistrationError,
+)
+from jobcell.client.callbacks import EVENTS, Callback
+from jobcell.client.config import (
+    CacheConfiguration,
+    CacheConfigurationChained,
+    CacheConfigurationShelve,
+    CacheConfigurationSQLite,
+    CacheMode,
+    TaskConfig,
+    current_config,
+    global_config,
+    scoped_config,
+)
+from jobcell.client.task import (
+    DecoratedTask,
+    SubmissionsDisabled,
+    TaskDefinitionError,
+    TaskError,
+    TaskFailed,
+    TaskFunction,
+    task,
+    task_client,
+)
+
+__all__ = [
+    "EVENTS", "Backend", "CacheConfiguration", "CacheConfigurationChained",
+    "CacheConfigurationSQLite", "CacheConfigurationShelve", "CacheMode", "Callback",
+    "DecoratedTask", "ExecutionRequest", "ExecutionResult", "ExecutionStatus",
+    "LocalBackend", "SubmissionsDisabled", "TaskConfig", "TaskDefinition",
+    "TaskDefinitionError", "TaskError", "TaskFailed", "TaskFunction",
+    "TaskRegistrationError", "current_config", "global_config", "scoped_config", "task",
+    "task_client",
+]

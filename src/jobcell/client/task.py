@@ -1,0 +1,353 @@
+"""Task functions: ``@task`` and ``task_client`` make awaitable client functions.
+
+Awaiting one looks the execution up in the client cache (re-attach or serve a
+finished one), else submits it, polls its status without blocking the event loop,
+and returns the output value or raises :class:`TaskFailed`. Interrupting the wait
+(Ctrl-C, cancellation) detaches: the execution goes on in the backend and the
+next run of the script re-attaches to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+from jobcell.client.backends import Backend, ExecutionRequest, ExecutionResult, TaskDefinition
+from jobcell.client.cache import (
+    CacheStorage,
+    cache_key,
+    decide,
+    entry_state,
+    new_entry,
+)
+from jobcell.client.config import CacheMode, TaskConfig, current_config
+from jobcell.errors import JobcellError
+
+R = TypeVar("R")
+_SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
+           dict: "object", tuple: "array"}
+
+
+class TaskError(JobcellError):
+    """A task could not be defined or executed by the client."""
+
+
+class TaskDefinitionError(TaskError, TypeError):
+    """``@task`` cannot turn this function into a task (signature, module)."""
+
+
+class SubmissionsDisabled(TaskError):
+    """``disable_submissions`` is set and the execution is in no cache."""
+
+
+class TaskFailed(TaskError):
+    """The execution failed (or was cancelled): its error report and log tail."""
+
+    def __init__(self, request: ExecutionRequest, result: ExecutionResult) -> None:
+        self.request = request
+        self.execution_id = result.execution_id
+        self.state = result.state
+        self.error = result.error
+        self.log_tail = list(result.log_tail)
+        tail = "\n".join(self.log_tail[-20:])
+        super().__init__(f"task {request.task_name!r} (execution {result.execution_id}) "
+                         f"{result.state}: {result.error}" + (f"\n--- log tail ---\n{tail}"
+                                                              if tail else ""))
+
+
+def _param_type(annotation: Any, where: str) -> tuple[str, bool]:
+    """The runner param type for ``annotation`` and whether it may be None."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1 and len(typing.get_args(annotation)) == 2:
+            return _param_type(members[0], where)[0], True
+        raise TaskDefinitionError(f"{where}: unions other than 'X | None' are not supported")
+    base = origin if origin is not None else annotation
+    if base in _SIMPLE:
+        return _SIMPLE[base], False
+    raise TaskDefinitionError(
+        f"{where}: unsupported annotation {annotation!r}; use str, int, float, bool, list "
+        "or dict (optionally '| None')")
+
+
+def params_from_signature(function: Callable[..., Any]) -> dict[str, dict[str, Any]]:
+    """Runner params (``{name: {type, default, required}}``) from the type hints.
+    A parameter named ``context`` receives the runner's StepContext and is skipped."""
+    name = getattr(function, "__qualname__", repr(function))
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception as exc:
+        raise TaskDefinitionError(f"task {name!r}: cannot read its type hints: {exc}") from None
+    params: dict[str, dict[str, Any]] = {}
+    for param in inspect.signature(function).parameters.values():
+        where = f"task {name!r}, parameter {param.name!r}"
+        if param.name == "context":
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise TaskDefinitionError(f"{where}: *args, **kwargs and positional-only "
+                                      "parameters cannot be task params")
+        if param.name not in hints:
+            raise TaskDefinitionError(f"{where}: needs a type annotation")
+        kind, optional = _param_type(hints[param.name], where)
+        spec: dict[str, Any] = {"type": kind}
+        if param.default is not param.empty:
+            if param.default is not None:
+                spec["default"] = (list(param.default) if isinstance(param.default, tuple)
+                                   else param.default)
+            spec["required"] = False
+        elif optional:
+            raise TaskDefinitionError(f"{where}: an optional ('| None') parameter needs a "
+                                      "default")
+        params[param.name] = spec
+    return params
+
+
+def task_resources(memory_mb: int | None, vcpu: float | None, gpu: int | None,
+                   timeout: timedelta | float | None) -> dict[str, Any]:
+    """The runner's ``resources`` from the decorator's arguments."""
+    resources: dict[str, Any] = {}
+    if memory_mb is not None:
+        resources["memory_mb"] = int(memory_mb)
+    if vcpu is not None:
+        resources["cpu_slots"] = max(1, math.ceil(vcpu))
+    if gpu is not None:
+        resources["gpus"] = int(gpu)
+    if timeout is not None:
+        resources["timeout_s"] = (timeout.total_seconds() if isinstance(timeout, timedelta)
+                                  else float(timeout))
+    return resources
+
+
+def _validated(definition: TaskDefinition, params: dict[str, Any]) -> dict[str, Any]:
+    if not definition.params:
+        return params
+    from jobcell.model.params import ParamSpec, validate_params
+
+    schema = {k: ParamSpec.model_validate(v) for k, v in definition.params.items()}
+    try:
+        return validate_params(schema, params, f"task {definition.name!r}")
+    except ValueError as exc:
+        raise TaskDefinitionError(str(exc)) from None
+
+
+class TaskFunction(Generic[R]):
+    """An awaitable client function: ``await f(...)``, ``f.run(...)`` in plain scripts."""
+
+    def __init__(self, definition: TaskDefinition, label: str,
+                 signature: inspect.Signature | None) -> None:
+        self.definition = definition
+        self.label = label
+        self._signature = signature
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def version(self) -> str:
+        return self.definition.version
+
+    def _params(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self._signature is None:
+            if args:
+                raise TypeError(f"task client {self.name!r} takes keyword arguments only")
+            return _validated(self.definition, kwargs)
+        bound = self._signature.bind(*args, **kwargs)
+        values = {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in bound.arguments.items() if k != "context"}
+        return _validated(self.definition, values)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, R]:
+        """Bind the arguments and the configuration in effect now; returns the coroutine
+        that runs the execution when awaited."""
+        params = self._params(args, kwargs)
+        return execute(self.definition, self.label, params, current_config())
+
+    def run(self, *args: Any, **kwargs: Any) -> R:
+        """Run the task to completion from synchronous code (not inside an event loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self(*args, **kwargs))
+        raise RuntimeError(f"{self.name}.run() cannot be used inside a running event loop "
+                           f"(a notebook, an async function): use 'await {self.name}(...)'")
+
+    def __repr__(self) -> str:
+        return f"<task {self.name} version {self.version}>"
+
+
+class DecoratedTask(TaskFunction[R]):
+    """A task made by ``@task``: calling it awaits the execution; ``function`` is the
+    original Python function (which the runner calls)."""
+
+    def __init__(self, function: Callable[..., R], definition: TaskDefinition,
+                 label: str) -> None:
+        super().__init__(definition, label, inspect.signature(function))
+        self.function = function
+        functools.update_wrapper(self, function)
+
+
+def task(function: Callable[..., R] | None = None, *, version: str = "0",
+         name: str | None = None, memory_mb: int | None = None, vcpu: float | None = None,
+         gpu: int | None = None, timeout: timedelta | float | None = None,
+         label: str | None = None) -> Any:
+    """Make a module-level function a task: its runner (registered in the backend's
+    cell on first call, params from the type hints) and its awaitable client.
+
+    ``memory_mb``, ``vcpu``, ``gpu``, ``timeout`` are the runner's declared resources;
+    ``label`` defaults to the function's top-level package.
+    """
+    def decorate(fn: Callable[..., R]) -> DecoratedTask[R]:
+        module = sys.modules.get(fn.__module__)
+        if fn.__module__ == "__main__" or module is None or \
+                not getattr(module, "__file__", None):
+            raise TaskDefinitionError(
+                f"@task {fn.__qualname__!r}: a task must be defined in an importable module "
+                "(its runner imports it in a child interpreter), not in the script being "
+                "run; move it to a module next to the script and import it from there")
+        if "." in fn.__qualname__:
+            raise TaskDefinitionError(f"@task {fn.__qualname__!r}: must be a module-level "
+                                      "function")
+        # The module attribute keeps the name of the client function; the runner calls
+        # the original function through an alias set on the module (also in the child,
+        # which imports the module and so runs this decorator again).
+        alias = f"_jobcell_task__{fn.__name__}"
+        setattr(module, alias, fn)
+        definition = TaskDefinition(
+            name=name or fn.__name__, version=str(version), function=fn,
+            params=params_from_signature(fn),
+            resources=task_resources(memory_mb, vcpu, gpu, timeout),
+            python=f"{fn.__module__}:{alias}")
+        return DecoratedTask(fn, definition, label or fn.__module__.split(".")[0])
+
+    return decorate(function) if function is not None else decorate
+
+
+def task_client(name: str, version: str = "0", *, label: str | None = None,
+                params: dict[str, Any] | None = None) -> TaskFunction[Any]:
+    """The awaitable client of a runner registered elsewhere (YAML, another package):
+    ``await task_client("align", version="2")(reads="x.fq")`` (keyword arguments are
+    its params). ``params``: an optional param schema to validate them before submit."""
+    caller = sys._getframe(1).f_globals.get("__name__", "__main__")
+    default_label = name if caller == "__main__" else caller.split(".")[0]
+    definition = TaskDefinition(name=name, version=str(version), params=params or {})
+    return TaskFunction(definition, label or default_label, None)
+
+
+# -- the execution
+
+
+async def _initialized(config: TaskConfig) -> Backend:
+    backend = config.resolved_backend()
+    if await backend.initialize():
+        config.fire("backend_initialized", backend)
+    return backend
+
+
+def _storage(config: TaskConfig) -> CacheStorage | None:
+    return None if config.cache.mode is CacheMode.DISABLED else config.cache.storage()
+
+
+async def execute(definition: TaskDefinition, label: str, params: dict[str, Any],
+                  config: TaskConfig) -> Any:
+    """Run one execution of ``definition`` with ``params`` under ``config``."""
+    backend = await _initialized(config)
+    request = ExecutionRequest(definition.name, definition.version, params,
+                               config.provisioning.to_dict(), label,
+                               cache_key(definition.name, definition.version, params))
+    config.fire("creating", request)
+    mode = config.cache.mode
+    storage = _storage(config)
+    entry = storage.get(request.cache_key) if storage is not None else None
+    if entry is not None and entry.backend != backend.identity:
+        entry = None   # held by another backend: not ours to use
+    decision = decide(mode, entry)
+    if decision in ("use", "reattach"):
+        assert entry is not None
+        status = await backend.status(entry.execution_id)
+        if status is None:
+            decision = "miss"   # the backend no longer has it: the cache is only an index
+        else:
+            request.execution_id, request.state = entry.execution_id, status.state
+            request.progress = dict(status.progress)
+            if decision == "use":
+                config.fire("cache_hit", request)
+                _write(config, storage, backend, request)
+                return _outcome(request, await backend.result(entry.execution_id))
+            config.fire("reattached", request)
+            return await _observe(backend, config, storage, request)
+    if decision != "off":
+        config.fire("cache_ignored" if decision == "ignore" else "cache_miss", request)
+    if config.throttling.disable_submissions:
+        raise SubmissionsDisabled(
+            f"task {definition.name!r} (cache key {request.cache_key}) is in no cache and "
+            "submissions are disabled (throttling.disable_submissions)")
+    await backend.ensure_task(definition)
+    fresh = mode in (CacheMode.REATTACH_ONLY, CacheMode.WRITE_ONLY, CacheMode.DISABLED)
+    request.execution_id, reused = await backend.submit(request, fresh=fresh)
+    request.state = "queued"
+    config.fire("reattached" if reused else "submitted", request)
+    _write(config, storage, backend, request)
+    return await _observe(backend, config, storage, request)
+
+
+def _write(config: TaskConfig, storage: CacheStorage | None, backend: Backend,
+           request: ExecutionRequest) -> None:
+    if storage is None or request.execution_id is None or request.state is None:
+        return
+    entry = new_entry(request.execution_id, request.state, backend.identity,
+                      request.task_name, request.task_version)
+    old = storage.get(request.cache_key)
+    if old is not None and (old.execution_id, old.state, old.backend) == \
+            (entry.execution_id, entry.state, entry.backend):
+        return
+    storage.put(request.cache_key, entry)
+    config.fire("cache_write", request)
+
+
+def _outcome(request: ExecutionRequest, result: ExecutionResult) -> Any:
+    request.state = result.state
+    if result.state == "succeeded":
+        return result.output
+    raise TaskFailed(request, result)
+
+
+async def _observe(backend: Backend, config: TaskConfig, storage: CacheStorage | None,
+                   request: ExecutionRequest) -> Any:
+    execution_id = request.execution_id
+    assert execution_id is not None
+    delay = backend.poll_interval_s
+    seen: tuple[str, Any] | None = None
+    try:
+        while True:
+            status = await backend.status(execution_id)
+            if status is None:
+                raise TaskError(f"execution {execution_id} of task {request.task_name!r} "
+                                "vanished from the backend while awaited")
+            request.state, request.progress = status.state, dict(status.progress)
+            if seen != (status.state, status.progress):
+                seen = (status.state, status.progress)
+                config.fire("progress", request)
+            if status.terminal:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, backend.max_poll_interval_s)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Detach: the execution goes on; its pending cache entry lets a re-run re-attach.
+        config.fire("interrupt_waiting", request)
+        raise
+    result = await backend.result(execution_id)
+    request.state = result.state
+    config.fire("finished", request)
+    if entry_state(result.state) != "pending":
+        _write(config, storage, backend, request)
+    return _outcome(request, result)

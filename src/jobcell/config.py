@@ -1,0 +1,24 @@
+"""Task client configuration (``from jobcell.config import global_config, scoped_config,
+LocalBackend``): a re-export of :mod:`jobcell.client`. Cell options are in
+:mod:`jobcell.settings`."""
+
+from __future__ import annotations
+
+from jobcell.client.backends import LocalBackend
+from jobcell.client.config import (
+    CacheConfiguration,
+    CacheConfigurationChained,
+    CacheConfigurationShelve,
+    CacheConfigurationSQLite,
+    CacheMode,
+    TaskConfig,
+    current_config,
+    global_config,
+    scoped_config,
+)
+
+__all__ = [
+    "CacheConfiguration", "CacheConfigurationChained", "CacheConfigurationSQLite",
+    "CacheConfigurationShelve", "CacheMode", "LocalBackend", "TaskConfig", "current_config",
+    "global_config", "scoped_config",
+]

@@ -1,0 +1,337 @@
+"""The task client end to end on a real local cell: its embedded worker (a daemon the
+first submit starts) runs the Python callable runners made by ``@task``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from integration_support import cleanup_cell, wait_for, write_settings
+
+from jobcell.client import (
+    CacheConfigurationSQLite,
+    CacheMode,
+    LocalBackend,
+    SubmissionsDisabled,
+    TaskFailed,
+    global_config,
+    scoped_config,
+    task_client,
+)
+from jobcell.client import cache as client_cache
+from jobcell.client.callbacks import EVENTS
+from jobcell.service import Cell
+
+TASKS = '''
+"""Tasks for the task client tests."""
+import os
+import time
+
+from jobcell.client import task
+
+
+@task(version="1.0", memory_mb=64)
+def hello(name: str) -> str:
+    return f"Hello, {name}!"
+
+
+@task(version="1.0", memory_mb=64)
+def add(a: int, b: int = 2) -> int:
+    return a + b
+
+
+@task(version="1.0", memory_mb=64)
+def fail(message: str) -> str:
+    print("about to fail", flush=True)
+    raise ValueError(message)
+
+
+@task(version="1.0", memory_mb=64)
+def gated(gate: str, tag: str) -> str:
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return f"opened {tag}"
+'''
+
+SCRIPT = '''
+import asyncio, json, sys
+sys.path.insert(0, {tasks_dir!r})
+from jobcell.config import global_config, LocalBackend, CacheConfigurationSQLite
+import client_tasks
+
+global_config.backend = LocalBackend({home!r}, poll_interval_s=0.02, max_poll_interval_s=0.1)
+global_config.cache = CacheConfigurationSQLite(file={cache!r})
+events = []
+for name in ("submitted", "reattached", "finished", "cache_hit", "interrupt_waiting"):
+    getattr(global_config, "on_" + name)(
+        lambda request, name=name: print("EVENT", name, request.execution_id, flush=True))
+
+async def main():
+    value = await client_tasks.gated({gate!r}, "detach")
+    print("RESULT", json.dumps(value), flush=True)
+
+asyncio.run(main())
+'''
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The module ``client_tasks`` (in a temp folder the runners import it from)."""
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / "client_tasks.py").write_text(TASKS)
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module("client_tasks")
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("client_tasks", None)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A cell home with the test settings; its worker is stopped afterwards."""
+    root = tmp_path / "cell"
+    write_settings(root)
+    yield root
+    cleanup_cell(Cell(root, auto_worker=False))
+
+
+@pytest.fixture
+def client(home: Path, tmp_path: Path) -> Iterator[Any]:
+    """A scope with a LocalBackend on ``home`` and a SQLite cache in ``tmp_path``;
+    ``client.events`` records every event as ``(event, task, execution id)``."""
+    backend = LocalBackend(home, poll_interval_s=0.02, max_poll_interval_s=0.1)
+    events: list[tuple[str, str | None, str | None]] = []
+
+    def recorder(event: str) -> Callable[[Any], None]:
+        def record(arg: Any) -> None:
+            events.append((event, getattr(arg, "task_name", None),
+                           getattr(arg, "execution_id", None)))
+        return record
+
+    for event in EVENTS:
+        getattr(global_config, f"on_{event}")(recorder(event))
+    with scoped_config() as config:
+        config.backend = backend
+        config.cache = CacheConfigurationSQLite(file=tmp_path / "cache.sqlite")
+        config.events = events
+        yield config
+    for event in EVENTS:
+        getattr(global_config, f"on_{event}").clear()
+    backend.close()
+    client_cache.close_all()
+
+
+def job_count(home: Path) -> int:
+    with Cell(home, auto_worker=False) as cell:
+        return len(cell.list(limit=1000))
+
+
+def names(events: list[tuple[str, str | None, str | None]]) -> list[str]:
+    return [e[0] for e in events if e[0] != "progress"]
+
+
+def test_hello_gather_and_run(tasks: Any, client: Any, home: Path) -> None:
+    async def main() -> tuple[str, list[Any]]:
+        one = await tasks.hello("world")
+        many = await asyncio.gather(tasks.hello("a"), tasks.hello("b"), tasks.add(40))
+        return one, many
+
+    one, many = asyncio.run(main())
+    assert one == "Hello, world!"
+    assert many == ["Hello, a!", "Hello, b!", 42]
+    assert tasks.add.run(1, b=5) == 6
+    with Cell(home, auto_worker=False) as cell:
+        runner = cell.runner("hello")
+        jobs = cell.list(limit=100)
+    assert runner.version == "1.0" and runner.resources.memory_mb == 64
+    assert runner.python == "client_tasks:_jobcell_task__hello"
+    assert {j["label"] for j in jobs} == {"client_tasks"}
+    assert len(jobs) == 5
+
+
+def test_fresh_run_then_cache_hit_callback_order(tasks: Any, client: Any, home: Path) -> None:
+    assert tasks.hello.run("order") == "Hello, order!"
+    fresh = names(client.events)
+    assert fresh == ["backend_initialized", "creating", "cache_miss", "submitted",
+                     "cache_write", "finished", "cache_write"]
+    assert any(e[0] == "progress" for e in client.events)
+    client.events.clear()
+    assert tasks.hello.run("order") == "Hello, order!"
+    assert names(client.events) == ["creating", "cache_hit"]
+    assert job_count(home) == 1
+
+
+def test_task_failed_carries_error_and_log_tail(tasks: Any, client: Any) -> None:
+    with pytest.raises(TaskFailed) as caught:
+        tasks.fail.run("broken on purpose")
+    assert caught.value.state == "failed"
+    assert "broken on purpose" in str(caught.value.error)
+    assert any("about to fail" in line for line in caught.value.log_tail)
+    # FULLY_CACHED serves the failure from the cache; RESTART_FAILED submits again.
+    client.events.clear()
+    with pytest.raises(TaskFailed):
+        tasks.fail.run("broken on purpose")
+    assert names(client.events) == ["creating", "cache_hit"]
+    client.events.clear()
+    with scoped_config(cache_mode=CacheMode.RESTART_FAILED), pytest.raises(TaskFailed):
+        tasks.fail.run("broken on purpose")
+    assert names(client.events)[:4] == ["creating", "cache_ignored", "submitted",
+                                        "cache_write"]
+
+
+def test_invalid_input_is_refused_before_submission(tasks: Any, client: Any,
+                                                     home: Path) -> None:
+    with pytest.raises(TypeError, match="param 'a' expected integer"):
+        tasks.add("not a number")
+    with pytest.raises(TypeError):
+        tasks.hello()
+    assert not (home / "runners" / "add.yaml").exists()
+
+
+def test_cache_modes_on_a_real_cell(tasks: Any, client: Any, home: Path) -> None:
+    assert tasks.add.run(1) == 3
+    for mode, submits in ((CacheMode.FULLY_CACHED, 0), (CacheMode.RESTART_FAILED, 0),
+                          (CacheMode.REATTACH_ONLY, 1), (CacheMode.WRITE_ONLY, 1),
+                          (CacheMode.DISABLED, 1)):
+        before = job_count(home)
+        client.events.clear()
+        with scoped_config(cache_mode=mode):
+            assert tasks.add.run(1) == 3
+        assert job_count(home) - before == submits, mode
+        if mode is CacheMode.DISABLED:
+            assert "cache_write" not in names(client.events)
+            assert "cache_miss" not in names(client.events)
+
+
+def test_disable_submissions(tasks: Any, client: Any, home: Path) -> None:
+    assert tasks.hello.run("cached") == "Hello, cached!"
+    with scoped_config(disable_submissions=True):
+        assert tasks.hello.run("cached") == "Hello, cached!"
+        with pytest.raises(SubmissionsDisabled, match="submissions are disabled"):
+            tasks.hello.run("never submitted")
+    assert job_count(home) == 1
+
+
+def test_deleted_job_is_a_cache_miss(tasks: Any, client: Any, home: Path) -> None:
+    assert tasks.hello.run("gone") == "Hello, gone!"
+    with Cell(home, auto_worker=False) as cell:
+        cell.gc(older_than_days=0)
+        assert cell.list() == []
+    client.events.clear()
+    assert tasks.hello.run("gone") == "Hello, gone!"
+    assert names(client.events)[:3] == ["creating", "cache_miss", "submitted"]
+
+
+def test_reattach_to_a_pending_entry_in_process(tasks: Any, client: Any, home: Path,
+                                                 tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def detach() -> None:
+        waiting = asyncio.ensure_future(tasks.gated(str(gate), "in-process"))
+        await asyncio.sleep(0.5)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(detach())
+    assert names(client.events)[-1] == "interrupt_waiting"
+    client.events.clear()
+    gate.touch()
+    assert tasks.gated.run(str(gate), "in-process") == "opened in-process"
+    assert names(client.events) == ["creating", "reattached", "finished", "cache_write"]
+    assert job_count(home) == 1
+
+
+def test_raising_callback_does_not_break_the_task(tasks: Any, client: Any) -> None:
+    @global_config.on_submitted
+    def broken(request: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    @global_config.on_finished
+    def also_broken(request: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    assert tasks.hello.run("robust") == "Hello, robust!"
+
+
+def test_task_client_for_a_runner_registered_elsewhere(tasks: Any, client: Any,
+                                                        home: Path) -> None:
+    assert tasks.hello.run("registered") == "Hello, registered!"   # registers "hello"
+    hello = task_client("hello", version="1.0")
+    assert asyncio.run(hello(name="by name")) == "Hello, by name!"
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        hello("positional")
+
+
+def test_detach_by_killing_the_script_then_reattach(tasks: Any, home: Path,
+                                                    tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(
+        tasks_dir=str(Path(tasks.__file__).parent), home=str(home),
+        cache=str(tmp_path / "script-cache.sqlite"), gate=str(gate))))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = first.stdout.readline() if first.stdout else ""
+        assert line.startswith("EVENT submitted"), line
+        job_id = line.split()[2]
+        with Cell(home, auto_worker=False) as cell:
+            wait_for(lambda: cell.status(job_id)["state"] == "running", what="running")
+        first.send_signal(signal.SIGINT)       # Ctrl-C while it awaits: detach
+        output, _ = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode != 0
+    assert "EVENT interrupt_waiting" in output and "KeyboardInterrupt" in output
+    with Cell(home, auto_worker=False) as cell:
+        assert cell.status(job_id)["state"] in ("queued", "running")   # it goes on
+    gate.touch()
+    time.sleep(0.2)
+    second = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"EVENT reattached {job_id}" in second.stdout
+    assert "EVENT submitted" not in second.stdout
+    assert 'RESULT "opened detach"' in second.stdout
+    assert job_count(home) == 1
+
+
+def test_detach_by_sigkill_then_reattach(tasks: Any, home: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(
+        tasks_dir=str(Path(tasks.__file__).parent), home=str(home),
+        cache=str(tmp_path / "script-cache.sqlite"), gate=str(gate))))
+    first = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        line = first.stdout.readline() if first.stdout else ""
+        assert line.startswith("EVENT submitted"), line
+        first.kill()
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    gate.touch()
+    second = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "EVENT submitted" not in second.stdout
+    assert 'RESULT "opened detach"' in second.stdout
+    assert json.loads(second.stdout.split("RESULT ", 1)[1]) == "opened detach"
+    assert job_count(home) == 1
