@@ -99,24 +99,27 @@ def _read_value(output_dir: Path) -> Any:
         return None
 
 
-def _stage_files(files: Mapping[str, Path], input_dir: Path,
-                 staged: dict[str, list[int]]) -> dict[str, str]:
-    """Hard-link uploaded files (read-only, content-addressed) to ``input/<name>``."""
+def _stage_files(files: Mapping[str, Path], input_dir: Path) -> dict[str, str]:
+    """Copy uploaded files to ``input/<name>``.
+
+    A copy, not a link: the upload area is shared by every job that names the same
+    bytes, so a step that writes into its input must change only its own copy. (On
+    Linux the copy is done in the kernel; names were checked at submit.)
+    """
     placed: dict[str, str] = {}
     for name, source in files.items():
         target = input_dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(source, target)
-        except FileExistsError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(target):
+                raise FileExistsError
+            shutil.copyfile(source, target)
+        except FileNotFoundError:
+            raise ValueError(f"uploaded file {name!r} is missing from the cell's upload "
+                             "area") from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
             raise ValueError(f"file {name!r} clashes with a staged input of the same "
                              "name") from None
-        except OSError:
-            if not source.is_file():
-                raise ValueError(f"uploaded file {name!r} ({source.name}) is missing from "
-                                 "the cell's upload area") from None
-            shutil.copyfile(source, target)
-        staged[str(target)] = _identity(target)
         placed[name] = str(target)
     return placed
 
@@ -143,7 +146,7 @@ def prepare_attempt(root: Path, params: Mapping[str, Any], upstream: Mapping[str
         files = _link_tree(source, target, staged)
         manifest[node_id] = {"dir": str(target), "files": files, "value": _read_value(source)}
     paths.input_dir.mkdir(exist_ok=True)
-    placed = _stage_files(uploads, paths.input_dir, staged)
+    placed = _stage_files(uploads, paths.input_dir)
     (root / "inputs.json").write_text(canonical_json({"inputs": manifest, "files": placed}),
                                       encoding="utf-8")
     (root / STAGED_FILE).write_text(canonical_json(staged), encoding="utf-8")
@@ -197,17 +200,23 @@ def linked_outputs(output_dir: Path) -> list[str]:
 
 
 def register_outputs(output_dir: Path) -> list[OutputFile]:
-    """Every file under ``output_dir`` with size and digest; files become read-only."""
+    """Every file under ``output_dir`` with size and digest; files become read-only.
+    A name that is not UTF-8 raises :class:`ValueError` (it could not be stored)."""
     found: list[OutputFile] = []
     for dirpath, _dirnames, filenames in os.walk(output_dir):
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if path.is_symlink() or not path.is_file():
                 continue
+            relative = str(path.relative_to(output_dir))
+            try:
+                relative.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"output file name {relative!r} is not valid UTF-8 (outputs "
+                                 "must have UTF-8 names)") from None
             mode = path.stat().st_mode
             path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-            found.append(OutputFile(str(path.relative_to(output_dir)), path,
-                                    path.stat().st_size, file_blake3(path)))
+            found.append(OutputFile(relative, path, path.stat().st_size, file_blake3(path)))
     return sorted(found, key=lambda f: f.name)
 
 

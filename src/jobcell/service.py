@@ -279,6 +279,14 @@ class Cell:
         return store_upload(self.home, self.store, chunks, owner or default_owner(),
                             self.settings.upload_max_mb * 1024 * 1024)
 
+    def open_upload(self, *, owner: str | None = None) -> Any:
+        """An upload fed chunk by chunk (``write``, ``finish`` -> ``{"digest", "size"}``,
+        ``abort``): for front ends that receive the bytes over time."""
+        from jobcell.uploads import Upload
+
+        return Upload(self.home, self.store, owner or default_owner(),
+                      self.settings.upload_max_mb * 1024 * 1024)
+
     def add_user(self, name: str) -> dict[str, Any]:
         """Add an API user; the answer holds their bearer token (shown only here)."""
         from jobcell import accounts
@@ -387,8 +395,26 @@ class Cell:
                after_seq: int = 0) -> list[dict[str, Any]]:
         """The job's events, oldest first."""
         self._job(job_id, owner, with_steps=False)
-        return [{"seq": e.seq, "kind": e.kind, "step": e.step_id, "at": iso(e.at), **e.data}
-                for e in self.store.events(job_id, after_seq)]
+        events = [{"seq": e.seq, "kind": e.kind, "step": e.step_id, "at": iso(e.at), **e.data}
+                  for e in self.store.events(job_id, after_seq)]
+        if owner is not None:
+            self._hide_foreign_sources(events, owner)
+        return events
+
+    def _hide_foreign_sources(self, events: list[dict[str, Any]], owner: str) -> None:
+        """A step-cache event names the twin it copied or waits for; when that twin is
+        another owner's, its ids are not this owner's to see."""
+        owners: dict[str, str | None] = {}
+        for event in events:
+            source = event.get("source_job")
+            if not isinstance(source, str):
+                continue
+            if source not in owners:
+                twin = self.store.get_job(source, with_steps=False)
+                owners[source] = twin.owner if twin is not None else None
+            if owners[source] != owner:
+                event["source_job"] = "another owner's job"
+                event.pop("source_step", None)
 
     def outputs(self, job_id: str, *, owner: str | None = None) -> list[dict[str, Any]]:
         """Every output file: step, name, path, size and BLAKE3 digest."""

@@ -63,11 +63,10 @@ class UploadWriter:
         digest = self._hasher.hexdigest()
         target = self.home.upload_path(digest)
         target.parent.mkdir(exist_ok=True)
-        if target.exists():
-            self._temp.unlink()
-        else:
-            self._temp.chmod(0o444)   # steps get hard links to it: nobody may change it
-            self._temp.replace(target)
+        # Replace even when the digest is there: the fresh bytes are verified by their
+        # hash, so a damaged copy is repaired by uploading again (atomic either way).
+        self._temp.chmod(0o444)   # steps get copies; nothing may change the upload itself
+        self._temp.replace(target)
         self._done = True
         return digest, self.size
 
@@ -90,7 +89,7 @@ def store_upload(home: CellHome, store: Store, chunks: Iterable[bytes], owner: s
                  max_bytes: int) -> dict[str, int | str]:
     """Write ``chunks`` into the cell's upload area; answer ``{"digest", "size"}``.
 
-    The file lands under its BLAKE3 digest, read-only (steps get hard links to it), and
+    The file lands under its BLAKE3 digest, read-only (steps get copies of it), and
     is recorded as an upload of ``owner``: a job may name only its owner's uploads. A
     body over ``max_bytes`` is refused (:class:`UploadTooLargeError`) and nothing is kept.
     """
@@ -100,3 +99,26 @@ def store_upload(home: CellHome, store: Store, chunks: Iterable[bytes], owner: s
         digest, size = writer.finish()
     store.record_upload(digest, owner, size, time.time())
     return {"digest": digest, "size": size}
+
+
+class Upload:
+    """An upload a front end feeds chunk by chunk (e.g. from an HTTP body as it arrives):
+    :meth:`write`, then :meth:`finish` records it as ``owner``'s; :meth:`abort` (also
+    after finish: then a no-op) drops a partial file."""
+
+    def __init__(self, home: CellHome, store: Store, owner: str, max_bytes: int) -> None:
+        self._writer = UploadWriter(home, max_bytes)
+        self._store = store
+        self.owner = owner
+
+    def write(self, chunk: bytes) -> None:
+        self._writer.write(chunk)
+
+    def finish(self) -> dict[str, int | str]:
+        digest, size = self._writer.finish()
+        self._store.record_upload(digest, self.owner, size, time.time())
+        return {"digest": digest, "size": size}
+
+    def abort(self) -> None:
+        self._writer.abort()
+

@@ -452,9 +452,12 @@ class Worker:
             for output in outputs:  # the step cache hashes them again as downstream inputs
                 self.cache.memo.remember(output.path, output.blake3)
             return outcome, outputs
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # The reason is shown to the job's owner: no server paths in it.
+            reason = (str(exc) if isinstance(exc, ValueError)
+                      else f"cannot read outputs: {exc.strerror or type(exc).__name__}")
             failed = decide_outcome(
-                exit_code=None, missing_outputs=[], kill_reason=f"cannot read outputs: {exc}",
+                exit_code=None, missing_outputs=[], kill_reason=reason,
                 cancel_requested=False, failures=step.failures, retries=step.retries,
                 interruptions=0, backoff_s=self.settings.retry_backoff_s)
             return failed, []

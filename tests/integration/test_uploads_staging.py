@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,16 @@ def test_an_upload_over_the_limit_keeps_nothing(make_cell, tools: Path) -> None:
         cell.upload(iter([chunk, chunk, b"!"]), owner="alice")
     assert list(cell.home.uploads.rglob("*")) == []
     assert cell.upload(iter([chunk, chunk]), owner="alice")["size"] == 1024 * 1024
+
+
+def test_an_output_name_that_is_not_utf8_fails_the_step_not_the_worker(cell: Cell) -> None:
+    write_odd_name = ("import os; os.chdir(os.environ['JOBCELL_STEP_DIR'] + '/output'); "
+                      "open(b'r\\xffx.bin', 'wb').close()")
+    cell.register_runner({"name": "oddname", "command": sys.executable,
+                          "args_template": ["-c", write_odd_name]})
+    job = cell.submit({"label": "odd", "steps": [{"runner": "oddname"}]}, owner="alice").job_id
+    run_worker(cell)
+    status = cell.status(job)
+    assert status["state"] == "failed"
+    assert "not valid UTF-8" in status["steps"][0]["error"]
+    assert str(cell.home.root) not in status["steps"][0]["error"]

@@ -45,11 +45,20 @@ class NodeSpec(BaseModel):
             raise ValueError(f"at most {MAX_FILES_PER_NODE} files per node, got {len(value)}")
         for name, digest in value.items():
             check_relative_path(name, "file name")
-            if len(name) > 1000 or "\x00" in name:
-                raise ValueError(f"file name {name[:40]!r} is too long or has a NUL character")
+            if len(name) > 1000 or "\x00" in name or "\\" in name:
+                raise ValueError(f"file name {name[:40]!r} is too long or has a NUL "
+                                 "character or a backslash")
+            if "." in name.split("/"):
+                raise ValueError(f"file name {name!r} must not have '.' segments")
             if not isinstance(digest, str) or not DIGEST_PATTERN.fullmatch(digest):
                 raise ValueError(f"file {name!r}: {str(digest)[:80]!r} is not the BLAKE3 hex "
                                  "digest of an upload (64 lowercase hex digits)")
+        for name in value:
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder in value:
+                    raise ValueError(f"file {folder!r} cannot also be the folder of {name!r}")
         return value
 
     @field_validator("id")
@@ -189,7 +198,7 @@ def _input_bytes(node: NodeSpec, layout: str, upload_size: UploadSize | None) ->
     """Total bytes of a node's uploaded files (each must be an upload of the submitter)."""
     total = 0
     for name, digest in node.files.items():
-        if layout == "nested" and name.replace("\\", "/").split("/")[0] in node.inputs:
+        if layout == "nested" and name.split("/")[0] in node.inputs:
             raise SpecError(f"node {node.id!r}: file {name!r} would be staged where the "
                             f"outputs of input {name.split('/')[0]!r} go")
         size = upload_size(digest) if upload_size is not None else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -34,6 +33,9 @@ PREFIX = "/api/v1"
 # A spec's canonical JSON may be 1 MiB; the raw body may carry indentation on top.
 MAX_SPEC_BODY = 2 * MAX_SPEC_BYTES
 UPLOAD_BATCH = 1024 * 1024      # bytes handed to the writer thread at a time
+UPLOAD_IDLE_S = 60.0            # an upload that sends nothing this long is dropped
+# Upload disk writes use threads of their own, never the pool the sync routes share.
+UPLOAD_LIMITER = anyio.CapacityLimiter(4)
 CANCEL_WAIT_S = 0.5             # how long DELETE waits for the cancel to take effect
 MAX_OFFSET = 2**53              # keeps offsets and sequence numbers within SQLite's range
 JOB_ID_PATTERN = re.compile(r"\b[0-9a-f]{11,16}-[0-9a-f]{12}\b")   # see new_job_id
@@ -254,7 +256,11 @@ def list_runners(user: User, cell: CellDep) -> dict[str, Any]:
             summary="One runner", responses=problem_responses(401, 404, 422))
 def get_runner(name: str, user: User, cell: CellDep) -> dict[str, Any]:
     """One runner: version, plane, params as JSON Schema, outputs and resources."""
-    return runner_info(cell, name)
+    try:
+        return runner_info(cell, name)
+    except NotFoundError:   # the service's message names the cell's home: not for clients
+        raise ProblemError(404, f"no runner named {name!r} (see GET /api/v1/runners)") \
+            from None
 
 
 @router.get("/capabilities", response_model=m.Capabilities, tags=["cell"],
@@ -307,7 +313,7 @@ def me(user: User) -> dict[str, Any]:
 # -- uploads
 @router.post("/uploads", status_code=201, response_model=m.UploadAnswer, tags=["uploads"],
              summary="Upload an input file", openapi_extra=UPLOAD_BODY,
-             responses=problem_responses(400, 401, 413))
+             responses=problem_responses(400, 401, 408, 413))
 async def upload(request: Request, user: User, cell: CellDep) -> dict[str, Any]:
     """Store the body by content (BLAKE3); a job step names it in ``files`` by digest.
     Only its uploader's jobs may use it."""
@@ -315,32 +321,41 @@ async def upload(request: Request, user: User, cell: CellDep) -> dict[str, Any]:
     declared = _declared_length(request)
     if declared is not None and declared > limit:
         raise ProblemError(413, str(too_large(limit)))
-    stream = request.stream().__aiter__()
-
-    async def next_batch() -> bytes | None:
-        parts: list[bytes] = []
+    upload = cell.open_upload(owner=user)
+    try:
+        # The body is read on the event loop; only the disk writes go to threads, through
+        # a limiter of their own: slow or stalled uploads never hold the threads every
+        # other route needs.
+        batch: list[bytes] = []
         size = 0
-        while size < UPLOAD_BATCH:
+        stream = request.stream().__aiter__()
+        while True:
             try:
-                chunk = await stream.__anext__()
+                with anyio.fail_after(UPLOAD_IDLE_S):
+                    chunk = await stream.__anext__()
             except StopAsyncIteration:
                 break
-            parts.append(chunk)
+            batch.append(chunk)
             size += len(chunk)
-        return b"".join(parts) if parts else None
-
-    def batches() -> Iterator[bytes]:   # runs in the worker thread, pulls from the loop
-        while (batch := anyio.from_thread.run(next_batch)) is not None:
-            yield batch
-
-    try:
-        answer: dict[str, Any] = await anyio.to_thread.run_sync(
-            lambda: cell.upload(batches(), owner=user))
+            if size >= UPLOAD_BATCH:
+                await anyio.to_thread.run_sync(upload.write, b"".join(batch),
+                                               limiter=UPLOAD_LIMITER)
+                batch, size = [], 0
+        if batch:
+            await anyio.to_thread.run_sync(upload.write, b"".join(batch),
+                                           limiter=UPLOAD_LIMITER)
+        answer: dict[str, Any] = await anyio.to_thread.run_sync(upload.finish,
+                                                                limiter=UPLOAD_LIMITER)
     except UploadTooLargeError as exc:
         raise ProblemError(413, str(exc)) from None
+    except TimeoutError:
+        raise ProblemError(408, f"the upload sent nothing for {UPLOAD_IDLE_S:g} s; nothing "
+                                "was kept") from None
     except ClientDisconnect:
         raise ProblemError(400, "the client disconnected during the upload; nothing was "
                                 "kept") from None
+    finally:
+        upload.abort()
     return answer
 
 

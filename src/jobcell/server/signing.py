@@ -12,36 +12,40 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 import time
 from pathlib import Path
 from urllib.parse import quote
 
+from jobcell.errors import ConfigError
 from jobcell.home import CellHome
 
 KEY_FILE = "url-signing.key"
+_SIG = re.compile(r"[0-9a-f]{64}")
 
 
 def load_signing_key(home: CellHome) -> bytes:
     """The cell's URL-signing key, created (atomically, 0600) when missing."""
     path = home.locks / KEY_FILE
-    try:
-        key = path.read_bytes()
-        if len(key) >= 32:
-            return key
-    except FileNotFoundError:
-        pass
-    temp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_bytes(32))
-    try:
-        os.link(temp, path)   # first writer wins; a racing server reads the winner's key
-    except FileExistsError:
-        pass
-    finally:
-        temp.unlink(missing_ok=True)
-    return Path(path).read_bytes()
+    if not path.exists():
+        temp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+            handle.flush()
+            os.fsync(handle.fileno())   # never a linked, empty key after a crash
+        try:
+            os.link(temp, path)   # first writer wins; a racing server reads the winner's key
+        except FileExistsError:
+            pass
+        finally:
+            temp.unlink(missing_ok=True)
+    key = Path(path).read_bytes()
+    if len(key) < 32:
+        raise ConfigError(f"the URL-signing key {path} is damaged ({len(key)} bytes); delete "
+                          "it and a new one is made (download URLs handed out stop working)")
+    return key
 
 
 class UrlSigner:
@@ -71,7 +75,8 @@ class UrlSigner:
             when = int(expires)
         except ValueError:
             return "the download URL's 'expires' is not a number"
-        if not hmac.compare_digest(self._mac(path, when), sig):
+        if not _SIG.fullmatch(sig) or not hmac.compare_digest(
+                self._mac(path, when).encode(), sig.encode()):
             return "the download URL's signature does not match (tampered or from another " \
                    "cell)"
         if when < (time.time() if now is None else now):
