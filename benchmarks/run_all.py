@@ -35,6 +35,8 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
             ("bench_hashing.py", ["--size-mb", "64", "--repeat", "1", "--calls", "200",
                                   *where]),
             ("bench_slurm.py", ["--steps", "30", *where]),
+            ("bench_http.py", ["--jobs", "10000", "--requests", "500", "--warmup", "50",
+                               *where]),
         ]
     return [
         ("bench_throughput.py", ["--slots", "8", "16", *where]),
@@ -44,6 +46,7 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
         ("bench_cache_latency.py", where),
         ("bench_hashing.py", where),
         ("bench_slurm.py", where),
+        ("bench_http.py", where),
     ]
 
 

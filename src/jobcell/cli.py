@@ -553,5 +553,11 @@ def demo(home: Path | None, lines: int) -> None:
     sys.exit(run_demo(home, lines))
 
 
+# The HTTP server's commands live in their own module (it imports the helpers above).
+from jobcell.cli_server import serve, upload, users  # noqa: E402
+
+for _command in (serve, users, upload):
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main()

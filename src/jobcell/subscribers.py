@@ -25,6 +25,7 @@ exponential backoff (:class:`RetryPolicy`); after the last attempt the delivery 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -45,6 +46,7 @@ SUBSCRIBED_EVENT = "subscribed"
 MAX_URI_LENGTH = 2000
 
 Action = Literal["wait", "due", "send", "skip"]
+log = logging.getLogger("jobcell.subscribers")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,12 @@ def decide(kind: str, state: str, next_at: float | None, job_state: str | None,
     return Decision("skip", f"unknown callback kind {kind!r}")
 
 
+# Job states in which no waiting delivery of any kind changes (read past every poll).
+QUIET_STATES = frozenset(str(state) for state in JobState
+                         if all(decide(kind, "waiting", None, str(state), 0).action == "wait"
+                                for kind in KINDS))
+
+
 def check_uri(uri: str, field: str) -> str:
     """A callback URI must be an absolute ``http`` or ``https`` URL."""
     if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_LENGTH:
@@ -180,52 +188,107 @@ def base_url_of(cell: Cell, job_id: str) -> str | None:
 
 def due_deliveries(cell: Cell, now: float | None = None,
                    limit: int = 500) -> list[DeliveryRow]:
-    """Settle the open deliveries against their jobs' states and return the ones to
-    send now (oldest first): triggered ones become ``due``, moot ones ``skipped``."""
+    """Settle the waiting deliveries against their jobs' states (triggered ones become
+    ``due``, moot ones ``skipped``) and return the ones to send now: at most ``limit``
+    due ones whose time has come, earliest first.
+
+    Every waiting delivery is looked at (in pages of ``limit``), except those of jobs in
+    :data:`QUIET_STATES`, so a pile of queued jobs never hides a newer job's callback.
+    One row that cannot be settled is logged and left for the next call.
+    """
     now = time.time() if now is None else now
-    rows = cell.store.open_deliveries(limit)
-    states: dict[str, str | None] = {}
-    ready: list[DeliveryRow] = []
-    for row in rows:
-        if row.job_id not in states:
-            job = cell.store.get_job(row.job_id, with_steps=False)
-            states[row.job_id] = None if job is None else str(job.state)
-        decision = decide(row.kind, row.state, row.next_at, states[row.job_id], now)
-        if decision.action == "skip":
-            cell.store.update_delivery(row.seq, state="skipped", last_error=decision.reason)
-        elif decision.action == "due":
-            cell.store.update_delivery(row.seq, state="due", next_at=now)
-            ready.append(replace(row, state="due", next_at=now))
-        elif decision.action == "send":
-            ready.append(row)
-    return ready
+    after = 0
+    while True:
+        page = cell.store.waiting_delivery_rows(QUIET_STATES, after, limit)
+        for row, job_state in page:
+            try:
+                _settle(cell, row, job_state, now)
+            except Exception:   # one bad row never stops the others
+                log.exception("could not settle callback %s of job %s", row.kind,
+                              row.job_id)
+        if len(page) < limit:
+            break
+        after = page[-1][0].seq
+    return cell.store.due_delivery_rows(now, limit)
+
+
+def _settle(cell: Cell, row: DeliveryRow, job_state: str | None, now: float) -> None:
+    decision = decide(row.kind, row.state, row.next_at, job_state, now)
+    if decision.action == "skip":
+        cell.store.update_delivery(row.seq, only_if={"state": "waiting"}, state="skipped",
+                                   next_at=None, last_error=decision.reason)
+    elif decision.action == "due":
+        cell.store.update_delivery(row.seq, only_if={"state": "waiting"}, state="due",
+                                   next_at=now)
+
+
+def claim(cell: Cell, row: DeliveryRow, lease_s: float,
+          now: float | None = None) -> DeliveryRow | None:
+    """Take a due delivery for sending (atomically: a stale read of it, or another
+    sender, gets None). It stays ``due`` with ``next_at`` ``lease_s`` ahead, so a sender
+    that dies before recording the attempt leaves it to be sent again then."""
+    now = time.time() if now is None else now
+    until = now + lease_s
+    if not cell.store.claim_delivery(row.seq, row.attempts, now, until):
+        return None
+    return replace(row, state="due", next_at=until)
+
+
+def release(cell: Cell, row: DeliveryRow, now: float | None = None) -> bool:
+    """Hand back a claimed delivery that was not sent (the sender stopped): due now."""
+    now = time.time() if now is None else now
+    return cell.store.update_delivery(
+        row.seq, only_if={"state": "due", "attempts": row.attempts, "next_at": row.next_at},
+        next_at=now)
 
 
 def record_attempt(cell: Cell, row: DeliveryRow, error: str | None, policy: RetryPolicy,
                    now: float | None = None) -> str:
-    """Record one delivery attempt (``error`` None: delivered); answer the new state."""
+    """Record one delivery attempt (``error`` None: delivered); answer the new state.
+
+    Only a row still ``due`` with the attempts ``row`` shows is changed: an attempt made
+    from a stale read never overwrites a delivery recorded meanwhile (``done`` stays
+    ``done``); then the row's current state is answered and nothing is recorded.
+    """
     now = time.time() if now is None else now
     attempts = row.attempts + 1
+    expect = {"state": "due", "attempts": row.attempts}
     if error is None:
-        cell.store.update_delivery(row.seq, state="done", attempts=attempts, next_at=None,
-                                   delivered_at=now)
+        if not cell.store.update_delivery(row.seq, only_if=expect, state="done",
+                                          attempts=attempts, next_at=None,
+                                          delivered_at=now):
+            return _current_state(cell, row)
         _event(cell, row, "callback_delivered", now, attempts=attempts)
         return "done"
     error = error[:500]
     delay = policy.delay_after(attempts)
     if delay is None:
-        cell.store.update_delivery(row.seq, state="gave_up", attempts=attempts, next_at=None,
-                                   last_error=error)
+        if not cell.store.update_delivery(row.seq, only_if=expect, state="gave_up",
+                                          attempts=attempts, next_at=None,
+                                          last_error=error):
+            return _current_state(cell, row)
         _event(cell, row, "callback_gave_up", now, attempts=attempts, error=error)
         return "gave_up"
-    cell.store.update_delivery(row.seq, state="due", attempts=attempts, next_at=now + delay,
-                               last_error=error)
+    if not cell.store.update_delivery(row.seq, only_if=expect, state="due",
+                                      attempts=attempts, next_at=now + delay,
+                                      last_error=error):
+        return _current_state(cell, row)
     return "due"
 
 
+def _current_state(cell: Cell, row: DeliveryRow) -> str:
+    for current in cell.store.deliveries(row.job_id):
+        if current.seq == row.seq:
+            return current.state
+    return "gone"
+
+
 def skip(cell: Cell, row: DeliveryRow, reason: str) -> None:
-    """Give up a delivery that can no longer be sent (its job was removed)."""
-    cell.store.update_delivery(row.seq, state="skipped", next_at=None, last_error=reason)
+    """Give up a delivery that can no longer be sent (its job was removed); a row
+    recorded meanwhile (``row`` is stale) is left alone."""
+    cell.store.update_delivery(row.seq, only_if={"state": row.state,
+                                                 "attempts": row.attempts},
+                               state="skipped", next_at=None, last_error=reason)
 
 
 def deliveries(cell: Cell, job_id: str, *, owner: str | None = None) -> list[dict[str, Any]]:

@@ -270,3 +270,90 @@ def test_each_execution_with_callbacks_gets_its_own_job(cb: Api, receiver: Recei
     plain = cb.client.post("/processes/quick/execution", headers=me, json={"inputs": {}})
     plain_again = cb.client.post("/processes/quick/execution", headers=me, json={"inputs": {}})
     assert plain.json()["jobID"] == plain_again.json()["jobID"]   # no callbacks: reused
+
+
+def test_a_late_in_progress_callback_still_says_running(cb: Api) -> None:
+    from jobcell.server.signing import UrlSigner, load_signing_key
+    from jobcell.store.base import DeliveryRow
+
+    job_id = execute(cb, cb.user("ann"), "quick", {}, {"successUri": "http://x/ok",
+                                                       "inProgressUri": "http://x/run"})
+    cb.run_worker()
+    assert cb.cell.status(job_id)["state"] == "succeeded"
+    signer = UrlSigner(load_signing_key(cb.cell.home), 60)
+    row = DeliveryRow(1, job_id, "inProgress", "http://x/run", "due", 1, None, None, None)
+    body, location = callbacks.payload(cb.cell, signer, row)   # a retry after the end
+    assert (body["status"], body["jobID"]) == ("running", job_id)
+    assert "finished" not in body and location.endswith(f"/jobs/{job_id}")
+
+
+def test_an_attempt_that_cannot_be_recorded_is_not_posted_again(
+        cb: Api, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = subscribers.record_attempt
+    failures: list[float] = []
+
+    def full_disk(*args: Any, **kwargs: Any) -> str:
+        if len(failures) < 3:
+            failures.append(time.monotonic())
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(subscribers, "record_attempt", full_disk)
+    monkeypatch.setattr(callbacks, "RECORD_RETRY_S", (0.1, 0.2))
+    job_id = execute(cb, cb.user("ann"), "quick", {}, {"successUri": f"{receiver.url}/ok"})
+    cb.run_worker()
+    with sender(cb.cell):
+        wait_for(lambda: states(cb.cell, job_id)["success"]["state"] == "done", 10,
+                 "the attempt to be recorded at last")
+    assert len(receiver.at("/ok")) == 1                        # posted once, recorded later
+    gaps = [b - a for a, b in itertools.pairwise(failures)]
+    assert gaps[0] >= 0.09 and gaps[1] >= 0.19                 # backing off
+    assert states(cb.cell, job_id)["success"]["attempts"] == 1
+
+
+def test_a_failing_round_is_logged_and_the_sender_goes_on(
+        cb: Api, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    original = callbacks._start
+    calls: list[int] = []
+
+    def flaky(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("boom")
+        original(*args)
+
+    monkeypatch.setattr(callbacks, "_start", flaky)
+    job_id = execute(cb, cb.user("ann"), "quick", {}, {"successUri": f"{receiver.url}/ok"})
+    cb.run_worker()
+    with caplog.at_level("ERROR", logger="jobcell.server.callbacks"), sender(cb.cell):
+        wait_posts(receiver, "/ok")
+        wait_for(lambda: states(cb.cell, job_id)["success"]["state"] == "done", 10,
+                 "the delivery")
+    assert "failed a round" in caplog.text and "boom" in caplog.text
+
+
+def test_the_sender_stops_promptly_even_in_a_slow_read(
+        cb: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    reading = threading.Event()
+
+    def slow_read(*_: Any, **__: Any) -> list[Any]:
+        reading.set()
+        time.sleep(3)   # a locked database
+        return []
+
+    monkeypatch.setattr(subscribers, "due_deliveries", slow_read)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=lambda: loop.run_until_complete(
+        callbacks.run(cb.cell, stop, policy=FAST, poll_s=0.05)), daemon=True)
+    thread.start()
+    try:
+        assert reading.wait(5)
+        started = time.monotonic()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(5)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 1.5
+    finally:
+        loop.close()    # the abandoned read ends on its own in its thread

@@ -204,3 +204,64 @@ def test_deliveries_of_removed_jobs_are_skipped(cell: Cell) -> None:
     assert subscribers.due_deliveries(cell, NOW) == []
     [row] = cell.store.deliveries("gone-job")
     assert (row.state, row.last_error) == ("skipped", "the job no longer exists")
+
+
+def test_a_due_delivery_is_claimed_once(cell: Cell) -> None:
+    job_id = submit(cell)
+    subscribers.subscribe(cell, job_id, {"success": URIS["success"]}, owner="ann",
+                          base_url="http://srv")
+    set_state(cell, job_id, "succeeded")
+    [row] = subscribers.due_deliveries(cell, NOW)
+    claimed = subscribers.claim(cell, row, 30, NOW)
+    assert claimed is not None and claimed.next_at == NOW + 30
+    assert subscribers.claim(cell, row, 30, NOW) is None           # a stale read: nothing
+    assert subscribers.due_deliveries(cell, NOW + 29) == []         # leased while it is sent
+    [again] = subscribers.due_deliveries(cell, NOW + 30)            # its sender died: again
+    assert subscribers.release(cell, claimed, NOW + 1)              # or it was handed back
+    assert subscribers.due_deliveries(cell, NOW + 1) == [
+        subscribers.DeliveryRow(**{**again.__dict__, "next_at": NOW + 1})]
+
+
+def test_a_stale_attempt_never_overwrites_a_recorded_one(cell: Cell) -> None:
+    job_id = submit(cell)
+    subscribers.subscribe(cell, job_id, {"success": URIS["success"]}, owner="ann",
+                          base_url="http://srv")
+    set_state(cell, job_id, "succeeded")
+    [row] = subscribers.due_deliveries(cell, NOW)
+    policy = RetryPolicy(max_attempts=1)
+    assert subscribers.record_attempt(cell, row, None, policy, NOW) == "done"
+    assert subscribers.claim(cell, row, 30, NOW) is None            # never sent again
+    assert subscribers.record_attempt(cell, row, "HTTP 500", policy, NOW) == "done"
+    subscribers.skip(cell, row, "stale")
+    [final] = subscribers.deliveries(cell, job_id)
+    assert (final["state"], final["attempts"], final["last_error"]) == ("done", 1, None)
+    kinds = [e["kind"] for e in cell.events(job_id)]
+    assert kinds.count("callback_delivered") == 1 and "callback_gave_up" not in kinds
+
+
+def test_every_waiting_delivery_is_settled_past_the_page_size(cell: Cell) -> None:
+    jobs = [submit(cell, n=n) for n in range(7)]
+    for job_id in jobs:
+        subscribers.subscribe(cell, job_id, URIS, owner="ann", base_url="http://srv")
+    set_state(cell, jobs[-1], "running")
+    set_state(cell, jobs[-2], "cancelled")
+    [row] = subscribers.due_deliveries(cell, NOW, limit=2)         # pages of two rows
+    assert (row.job_id, row.kind) == (jobs[-1], "inProgress")
+    states = {d["kind"]: d["state"] for d in subscribers.deliveries(cell, jobs[-2])}
+    assert states == {"inProgress": "skipped", "success": "skipped"}
+
+
+def test_the_sender_reads_use_the_partial_indexes(cell: Cell) -> None:
+    conn = cell.store._conn()
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)     # the SQL as run, with its values
+    try:
+        cell.store.due_delivery_rows(NOW, 5)
+        cell.store.waiting_delivery_rows(subscribers.QUIET_STATES, 0, 5)
+    finally:
+        conn.set_trace_callback(None)
+    due, waiting = (" ".join(" ".join(map(str, tuple(r)))
+                             for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                    for sql in seen)
+    assert "USING INDEX deliveries_due" in due and "SCAN" not in due
+    assert "USING INDEX deliveries_waiting" in waiting and "SCAN" not in waiting

@@ -4,24 +4,29 @@
 asks :func:`jobcell.subscribers.due_deliveries` which callbacks are due (that settles
 them against their jobs' states in the database), and POSTs each as JSON:
 
-- ``inProgress``: the job's statusInfo (``running``);
+- ``inProgress``: the job's statusInfo, ``running`` (a retry that goes out after the
+  job ended says so too: the success or failed callback tells the end);
 - ``success``: the results document (as ``GET /jobs/{id}/results``, with fresh signed
   file URLs), with ``Content-Location: <server>/jobs/{id}/results``;
 - ``failed``: the job's statusInfo (``failed`` or ``dismissed``).
 
 statusInfo bodies carry ``Content-Location: <server>/jobs/{id}``; ``<server>`` is the
 URL the execute request came in on. A 2xx answer is delivered; anything else (no
-answer within ``timeout_s``, a refused connection, another status, redirects too) is
-retried with exponential backoff, and after the last attempt the delivery is given up
-(:class:`jobcell.subscribers.RetryPolicy`). The callbacks of one job go out in order;
-different jobs' go out concurrently, so a slow or failing receiver delays only its
-own callbacks, and never the job. Blocking store calls run in threads.
+status within ``timeout_s``, which bounds the whole POST; a refused connection; another
+status, redirects too) is retried with exponential backoff, and after the last attempt
+the delivery is given up (:class:`jobcell.subscribers.RetryPolicy`). The answer's body
+is never read. The callbacks of one job go out in order; different jobs' go out
+concurrently, so a slow or failing receiver delays only its own callbacks, and never
+the job. Blocking store calls run in threads.
+
+Each callback is claimed in the database before it is sent
+(:func:`jobcell.subscribers.claim`) and its attempt recorded only while the row is as
+claimed, so a stale read never sends a delivered callback again nor overwrites it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -40,12 +45,21 @@ from jobcell.subscribers import RetryPolicy
 log = logging.getLogger("jobcell.server.callbacks")
 POLL_S = 0.3
 CONCURRENCY = 16
+# A claimed callback is due again this long after its POST's time ran out, should its
+# sender die before recording the attempt (another server then sends it again).
+LEASE_MARGIN_S = 30.0
+# Recording an attempt that fails (a full disk, a locked database) is tried again after
+# these many seconds, doubling up to the second: the POST is never repeated for it.
+RECORD_RETRY_S = (0.5, 60.0)
+# How long a stopping sender waits for its cancelled tasks and hands back their claims.
+STOP_GRACE_S = 1.0
 
 
 async def run(cell: Cell, stop: asyncio.Event, *, policy: RetryPolicy | None = None,
               poll_s: float = POLL_S, concurrency: int = CONCURRENCY) -> None:
-    """Send due callbacks until ``stop`` is set (what is in flight then is sent again
-    by the next server: delivery is at least once)."""
+    """Send due callbacks until ``stop`` is set, then return promptly: what is in
+    flight then is handed back and sent again by the next server (delivery is at least
+    once). A round that fails is logged, and the loop goes on."""
     policy = policy or RetryPolicy.from_settings(cell.settings)
     signer = UrlSigner(load_signing_key(cell.home), cell.settings.download_url_ttl_s)
     limit = asyncio.Semaphore(concurrency)
@@ -54,26 +68,76 @@ async def run(cell: Cell, stop: asyncio.Event, *, policy: RetryPolicy | None = N
     async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False,
                                  headers=headers) as client:
         sender = _Sender(cell, client, signer, policy, limit)
+        stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                ready = await _read_due(cell, stopping)
+                if ready is None:
+                    break
                 try:
-                    ready = await asyncio.to_thread(subscribers.due_deliveries, cell)
-                except Exception:   # a locked or missing database: try again next round
-                    log.exception("could not read the due callbacks")
-                    ready = []
-                for job_id, rows in _by_job(ready).items():
-                    if job_id in in_flight:
-                        continue
-                    task = asyncio.create_task(sender.deliver(rows))
-                    in_flight[job_id] = task
-                    task.add_done_callback(lambda _, key=job_id: in_flight.pop(key, None))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_s)
+                    _start(sender, ready, in_flight)
+                except Exception:   # never let a bad round stop the sender
+                    log.exception("the callback sender failed a round; going on")
+                await asyncio.wait({stopping}, timeout=poll_s)
         finally:
-            tasks = list(in_flight.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            stopping.cancel()
+            await _stop(cell, sender, in_flight)
+
+
+async def _read_due(cell: Cell, stopping: asyncio.Future[Any]) -> list[DeliveryRow] | None:
+    """The due callbacks (none when the read fails), or None when ``stopping`` comes
+    first (the read, in its thread, is left to finish on its own)."""
+    read = asyncio.ensure_future(asyncio.to_thread(subscribers.due_deliveries, cell))
+    await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not read.done():
+        read.cancel()
+        return None
+    try:
+        return read.result()
+    except Exception:   # a locked or missing database: try again next round
+        log.exception("could not read the due callbacks")
+        return []
+
+
+def _start(sender: _Sender, ready: list[DeliveryRow],
+           in_flight: dict[str, asyncio.Task[None]]) -> None:
+    """One task per job not already in flight (its rows go out in order)."""
+    for job_id, rows in _by_job(ready).items():
+        if job_id in in_flight:
+            continue
+        task = asyncio.create_task(sender.deliver(rows))
+        in_flight[job_id] = task
+        task.add_done_callback(lambda done, key=job_id: _finished(in_flight, key, done))
+
+
+def _finished(in_flight: dict[str, asyncio.Task[None]], job_id: str,
+              task: asyncio.Task[None]) -> None:
+    in_flight.pop(job_id, None)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("the callbacks of job %s stopped unexpectedly", job_id, exc_info=exc)
+
+
+async def _stop(cell: Cell, sender: _Sender, in_flight: dict[str, asyncio.Task[None]]) -> None:
+    """Cancel what is in flight and hand its claimed rows back, within STOP_GRACE_S."""
+    claimed = list(sender.claimed.values())
+    tasks = list(in_flight.values())
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+    if claimed:
+        def release() -> None:
+            for row in claimed:
+                subscribers.release(cell, row)
+
+        handing_back = asyncio.ensure_future(asyncio.to_thread(release))
+        await asyncio.wait({handing_back}, timeout=STOP_GRACE_S)
+        if handing_back.done():
+            if not handing_back.cancelled() and handing_back.exception() is not None:
+                log.warning("could not hand back the callbacks in flight (they are sent "
+                            "again later)", exc_info=handing_back.exception())
+        else:
+            handing_back.cancel()
 
 
 def _by_job(rows: Iterable[DeliveryRow]) -> dict[str, list[DeliveryRow]]:
@@ -91,13 +155,14 @@ class _Sender:
         self.signer = signer
         self.policy = policy
         self.limit = limit
+        self.lease_s = policy.timeout_s + LEASE_MARGIN_S
+        self.claimed: dict[int, DeliveryRow] = {}   # seq -> row taken, not yet recorded
 
     async def deliver(self, rows: list[DeliveryRow]) -> None:
         """Send one job's due callbacks in order; record each attempt."""
         for row in sorted(rows, key=lambda r: r.seq):
             try:
-                async with self.limit:
-                    await self._deliver_one(row)
+                await self._deliver_one(row)
             except asyncio.CancelledError:
                 raise
             except Exception:   # never let one callback stop the sender
@@ -105,38 +170,65 @@ class _Sender:
                               row.job_id)
 
     async def _deliver_one(self, row: DeliveryRow) -> None:
-        try:
-            body, location = await asyncio.to_thread(payload, self.cell, self.signer,
-                                                     row)
-        except NotFoundError:
-            await asyncio.to_thread(subscribers.skip, self.cell, row,
-                                    "the job no longer exists")
-            return
-        except Exception as exc:   # counted as a failed attempt, so it cannot loop forever
-            log.exception("could not build callback %s of job %s", row.kind, row.job_id)
-            error: str | None = f"could not build the callback body: {_describe(exc)}"
-        else:
-            error = await self._post(row.uri, body, location)
-        state = await asyncio.to_thread(subscribers.record_attempt, self.cell, row, error,
-                                        self.policy)
+        async with self.limit:
+            # Taken atomically: a stale read of a row sent meanwhile gets nothing.
+            claimed = await asyncio.to_thread(subscribers.claim, self.cell, row,
+                                              self.lease_s)
+            if claimed is None:
+                return
+            self.claimed[claimed.seq] = claimed
+            try:
+                body, location = await asyncio.to_thread(payload, self.cell, self.signer,
+                                                         claimed)
+            except NotFoundError:
+                await asyncio.to_thread(subscribers.skip, self.cell, claimed,
+                                        "the job no longer exists")
+                self.claimed.pop(claimed.seq, None)
+                return
+            except Exception as exc:   # a failed attempt, so it cannot loop forever
+                log.exception("could not build callback %s of job %s", row.kind,
+                              row.job_id)
+                error: str | None = f"could not build the callback body: {_describe(exc)}"
+            else:
+                error = await self._post(row.uri, body, location)
+        state = await self._record(claimed, error)
+        self.claimed.pop(claimed.seq, None)
         if error is not None:
             log.info("callback %s of job %s to %s: %s (now %s)", row.kind, row.job_id,
                      row.uri, error, state)
 
+    async def _record(self, row: DeliveryRow, error: str | None) -> str:
+        """Record the attempt, trying again with backoff while that fails (the POST is
+        not repeated for it)."""
+        wait_s, most_s = RECORD_RETRY_S
+        while True:
+            try:
+                return await asyncio.to_thread(subscribers.record_attempt, self.cell, row,
+                                               error, self.policy)
+            except Exception:
+                log.exception("could not record callback %s of job %s; trying again in "
+                              "%g s", row.kind, row.job_id, wait_s)
+            await asyncio.sleep(wait_s)
+            wait_s = min(wait_s * 2, most_s)
+
     async def _post(self, uri: str, body: Any, location: str) -> str | None:
-        """None when the receiver took it (2xx), else what went wrong."""
+        """None when the receiver took it (2xx), else what went wrong. ``timeout_s``
+        bounds the whole POST; the answer's body is never read."""
         try:
-            answer = await self.client.post(uri, json=body,
-                                            headers={"Content-Location": location})
-        except httpx.TimeoutException:
+            async with asyncio.timeout(self.policy.timeout_s):
+                async with self.client.stream("POST", uri, json=body,
+                                              headers={"Content-Location": location}
+                                              ) as answer:
+                    status = answer.status_code
+        except (TimeoutError, httpx.TimeoutException):
             return f"no answer within {self.policy.timeout_s:g} s"
         except Exception as exc:   # refused, reset, a URL httpx cannot use, ...
             return _describe(exc)
-        if 200 <= answer.status_code < 300:
+        if 200 <= status < 300:
             return None
-        if 300 <= answer.status_code < 400:
-            return f"HTTP {answer.status_code} (redirects are not followed)"
-        return f"HTTP {answer.status_code}"
+        if 300 <= status < 400:
+            return f"HTTP {status} (redirects are not followed)"
+        return f"HTTP {status}"
 
 
 def _describe(exc: BaseException) -> str:
@@ -151,6 +243,10 @@ def payload(cell: Cell, signer: UrlSigner, row: DeliveryRow) -> tuple[Any, str]:
     base = subscribers.base_url_of(cell, row.job_id) or ""
     status = cell.status(row.job_id)
     job_url = f"{base}/jobs/{row.job_id}"
+    if row.kind == "inProgress":
+        # It was triggered by the job running; a retry may go out after the job ended,
+        # and still says running (the success or failed callback tells the end).
+        status = {**status, "state": "running", "finished_at": None}
     if row.kind == "success" and status["state"] == "succeeded":
         result = cell.result(row.job_id)
         links = signed_links(signer, base, row.job_id, result["outputs"])

@@ -167,6 +167,9 @@ MIGRATIONS: list[str] = [
         delivered_at REAL,
         UNIQUE (job_id, kind)
     );
-    CREATE INDEX deliveries_open ON deliveries (state, next_at) WHERE state != 'done';
+    -- what the callback sender reads every poll: the due rows whose time has come, and
+    -- the waiting rows (the queries repeat these WHERE terms, so SQLite uses them)
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'due';
+    CREATE INDEX deliveries_waiting ON deliveries (seq) WHERE state = 'waiting';
     """,
 ]
