@@ -1,9 +1,8 @@
 """Reviewer's reproducers for the HTTP server (issue 5).
 
-Each test states the behaviour the server should have. Those marked ``FAILS NOW`` in
-their docstring (and ``xfail(strict=True)``) reproduce a bug found in review of
-fd91d9e; drop the marker with the fix. The others pin behaviour that was checked and
-holds.
+Each test states the behaviour the server should have. Those whose docstring starts
+with ``Was:`` reproduce a bug found in review of fd91d9e (now fixed: they guard against
+its return); the others pin behaviour that was checked and holds.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ def api(make_api: Callable[..., Api]) -> Api:
 
 # -- signed URLs -----------------------------------------------------------------------
 def test_a_non_ascii_signature_is_refused_not_a_server_error(api: Api) -> None:
-    """FAILS NOW: ``hmac.compare_digest`` raises TypeError on non-ASCII str -> 500."""
+    """Was: ``hmac.compare_digest`` raises TypeError on non-ASCII str -> 500."""
     answer = api.client.get("/api/v1/files/x/y/z?expires=1&sig=%C3%A9")
     problem(answer, 403)
 
@@ -95,7 +94,7 @@ def test_signature_is_over_the_decoded_path(api: Api) -> None:
 
 # -- server paths in answers -----------------------------------------------------------
 def test_an_unknown_runner_does_not_name_the_cell_home(api: Api) -> None:
-    """FAILS NOW: GET /api/v1/runners/{name} answers 'no runner named .. is registered in
+    """Was: GET /api/v1/runners/{name} answers 'no runner named .. is registered in
     /path/to/cell' (the service's NotFoundError text, passed through)."""
     alice = api.user("alice")
     detail = problem(api.client.get("/api/v1/runners/nope", headers=alice), 404)
@@ -103,7 +102,7 @@ def test_an_unknown_runner_does_not_name_the_cell_home(api: Api) -> None:
 
 
 def test_clashing_file_names_are_refused_at_submit(api: Api) -> None:
-    """FAILS NOW: ``files: {"a": .., "a/b": ..}`` (or ``"./x"`` beside ``"x"``) is
+    """Was: ``files: {"a": .., "a/b": ..}`` (or ``"./x"`` beside ``"x"``) is
     accepted (201); the step then fails at launch with an OSError whose text, a server
     path under artifacts/, is shown to the user in the job's error."""
     alice = api.user("alice")
@@ -138,7 +137,7 @@ def test_a_step_cannot_corrupt_the_content_addressed_upload(api: Api) -> None:
 
 
 def test_stalled_uploads_do_not_freeze_the_api(make_cell: Callable[..., Cell]) -> None:
-    """FAILS NOW: each upload holds a thread of anyio's default limiter (40) for as long
+    """Was: each upload holds a thread of anyio's default limiter (40) for as long
     as its body takes to arrive, and every sync route (and the sync ``current_user``
     dependency) needs a thread from the same limiter: 40 slow uploads from one user
     and the whole API (REST, OGC, files) stops answering."""
@@ -309,7 +308,7 @@ def test_profiles_follow_upload_bytes_and_the_count_param(api: Api) -> None:
 
 
 def test_a_cache_hit_does_not_show_another_owners_job_id(api: Api) -> None:
-    """FAILS NOW: OGC executions all have the label 'ogc' (one cache namespace), so bob's
+    """Was: OGC executions all have the label 'ogc' (one cache namespace), so bob's
     step is a cache copy of alice's, and bob's events name alice's job
     (``step_cached``: ``source_job``), which /api/v1/scheduler takes care to hide."""
     alice, bob = api.user("alice"), api.user("bob")

@@ -142,6 +142,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE steps ADD COLUMN files TEXT;
     ALTER TABLE steps ADD COLUMN profile TEXT;
+    CREATE INDEX jobs_owner_label ON jobs (owner, label, created_at, job_id);
     CREATE TABLE users (
         name TEXT PRIMARY KEY,
         token_hash TEXT NOT NULL UNIQUE,
