@@ -57,7 +57,8 @@ def assert_within_limits(capacity: Capacity, leases: Sequence[Lease],
 def assert_greedy(capacity: Capacity, held: Sequence[Lease], queue: Sequence[Request],
                   decision: Decision) -> None:
     """A request left waiting really could not start now: its group is full, or it does
-    not fit beside the reservation of the first request that was blocked for room."""
+    not fit beside the reservation of the first request that was blocked for room.
+    ``held`` are the leases *before* this decision (admitted requests are added here)."""
     free_cpu = capacity.cpu_slots - sum(x.cpu_slots for x in held)
     free_memory = capacity.memory_mb - sum(x.memory_mb for x in held)
     running = Counter(x.group for x in held)
@@ -325,8 +326,8 @@ def test_admission_never_over_commits(
         situation: tuple[Capacity, list[Lease], list[Request]]) -> None:
     capacity, leases, queue = situation
     decision = admit(capacity, leases, queue)
-    held = assert_within_limits(capacity, leases, queue, decision)
-    assert_greedy(capacity, held, queue, decision)
+    assert_within_limits(capacity, leases, queue, decision)
+    assert_greedy(capacity, leases, queue, decision)
 
 
 @st.composite
@@ -357,8 +358,9 @@ def test_invariant_holds_through_submissions_and_completions(
         elif held:
             held.pop(amount % len(held))
         decision = admit(capacity, held, queue)
+        before = held
         held = assert_within_limits(capacity, held, queue, decision)
-        assert_greedy(capacity, held, queue, decision)
+        assert_greedy(capacity, before, queue, decision)
         done = set(decision.admit) | {key for key, _ in decision.never_fits}
         queue = [r for r in queue if r.key not in done]
     # Draining: once everything running completes, whatever fits alone eventually runs.
