@@ -48,7 +48,7 @@ def create_app(home: str | os.PathLike[str] | CellHome | None = None, *,
         finally:
             stop.set()
             if sender is not None:
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await asyncio.wait_for(sender, timeout=5)
 
     app = FastAPI(title="jobcell", version=__version__, lifespan=lifespan,
