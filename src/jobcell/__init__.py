@@ -26,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from jobcell.pyrunner import StepContext
 
         return StepContext
+    if name == "FileRef":
+        from jobcell.fileref import FileRef
+
+        return FileRef
     if name in ("task", "task_client", "TaskFailed"):
         import jobcell.client
 
@@ -33,5 +37,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["Cell", "StepContext", "TaskFailed", "__version__", "register_runner", "task",
+__all__ = ["Cell", "FileRef", "StepContext", "TaskFailed", "__version__", "register_runner", "task",
            "task_client"]

@@ -34,12 +34,44 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module_name), attribute)
 
 
+def _annotations(function: Any) -> dict[str, Any]:
+    """The parameters' annotations, resolved where possible (strings otherwise)."""
+    try:
+        import typing
+
+        return typing.get_type_hints(function)
+    except Exception:
+        return {name: p.annotation for name, p in inspect.signature(function).parameters.items()}
+
+
 def _call(function: Any, params: dict[str, Any], context: StepContext) -> Any:
+    from jobcell.fileref import is_file_annotation, staged_value
+
     signature = inspect.signature(function)
     kwargs = dict(params)
+    annotations = _annotations(function)
+    for name, value in params.items():
+        # A param annotated FileRef or Path names a file staged into the input folder.
+        annotation = annotations.get(name)
+        if isinstance(value, str) and annotation is not None and is_file_annotation(annotation):
+            kwargs[name] = staged_value(annotation, value, context.input_dir)
+        elif isinstance(value, list) and annotation is not None and \
+                typing_list_of_files(annotation):
+            item = annotation.__args__[0]
+            kwargs[name] = [staged_value(item, v, context.input_dir) if isinstance(v, str)
+                            else v for v in value]
     if "context" in signature.parameters:
         kwargs["context"] = context
     return function(**kwargs)
+
+
+def typing_list_of_files(annotation: Any) -> bool:
+    """Whether ``annotation`` is ``list[FileRef]`` or ``list[Path]``."""
+    from jobcell.fileref import is_file_annotation
+
+    args = getattr(annotation, "__args__", None)
+    return getattr(annotation, "__origin__", None) is list and bool(args) and \
+        is_file_annotation(args[0])
 
 
 def _relocated(inputs: dict[str, Any], staged_at: str | None,
@@ -57,6 +89,16 @@ def _relocated(inputs: dict[str, Any], staged_at: str | None,
     return moved
 
 
+def _returns_files(value: Any) -> bool:
+    """Whether a returned value holds a path or a FileRef (anything ``os.fspath`` takes
+    that is not a string)."""
+    if isinstance(value, (list, tuple)):
+        return any(_returns_files(v) for v in value)
+    if isinstance(value, dict):
+        return any(_returns_files(v) for v in value.values())
+    return hasattr(value, "__fspath__")
+
+
 def main(argv: list[str]) -> int:
     target, attempt_dir = argv[0], Path(argv[1])
     spec = json.loads((attempt_dir / "input.json").read_text(encoding="utf-8"))
@@ -68,6 +110,10 @@ def main(argv: list[str]) -> int:
     try:
         function = _load(target)
         value = _call(function, spec.get("params", {}), context)
+        if _returns_files(value):
+            from jobcell.fileref import encode_returned
+
+            value = encode_returned(value, context.output_dir)
         text = json.dumps(value)
     except BaseException as exc:
         report = {"type": type(exc).__name__, "message": str(exc),

@@ -287,6 +287,31 @@ class Cell:
         return Upload(self.home, self.store, owner or default_owner(),
                       self.settings.upload_max_mb * 1024 * 1024)
 
+    def upload_output(self, job_id: str, step: str, name: str, *,
+                      owner: str | None = None) -> dict[str, Any]:
+        """Make one of your job's output files an upload of yours (``{"digest", "size"}``),
+        so that another job can name it in a step's ``files``: a file passed on from
+        task to task without a round trip through the client."""
+        from jobcell.uploads import store_upload
+
+        owner = owner or default_owner()
+        self._job(job_id, owner, with_steps=False)
+        row = next((o for o in self.store.outputs(job_id)
+                    if o.step_id == step and o.name == name), None)
+        if row is None:
+            raise NotFoundError(f"job {job_id} has no output {name!r} of step {step!r}")
+
+        def chunks() -> Iterator[bytes]:
+            with open(row.path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    yield chunk
+        try:
+            return store_upload(self.home, self.store, chunks(), owner,
+                                self.settings.upload_max_mb * 1024 * 1024)
+        except FileNotFoundError:
+            raise NotFoundError(f"output {name!r} of step {step!r} of job {job_id} is gone "
+                                "from the cell (collected?)") from None
+
     def add_user(self, name: str) -> dict[str, Any]:
         """Add an API user; the answer holds their bearer token (shown only here)."""
         from jobcell import accounts

@@ -22,9 +22,12 @@ from integration_support import cleanup_cell, wait_for, write_settings
 from jobcell.client import (
     CacheConfigurationSQLite,
     CacheMode,
+    FileRef,
+    FileRefError,
     LocalBackend,
     SubmissionsDisabled,
     TaskFailed,
+    TaskOutputError,
     global_config,
     scoped_config,
     task_client,
@@ -37,7 +40,9 @@ TASKS = '''
 """Tasks for the task client tests."""
 import os
 import time
+from pathlib import Path
 
+from jobcell import FileRef, StepContext
 from jobcell.client import task
 
 
@@ -62,6 +67,43 @@ def gated(gate: str, tag: str) -> str:
     while not os.path.exists(gate):
         time.sleep(0.02)
     return f"opened {tag}"
+
+
+@task(version="1.0", memory_mb=64)
+def write_text(text: str, name: str = "out.txt") -> FileRef:
+    path = Path(name)      # the attempt folder: copied into the outputs when returned
+    path.write_text(text)
+    return path
+
+
+@task(version="1.0", memory_mb=64)
+def write_two(text: str, context: StepContext) -> dict:
+    first = context.output_dir / "a.txt"
+    first.write_text(text)
+    (context.output_dir / "sub").mkdir()
+    second = context.output_dir / "sub" / "b.txt"
+    second.write_text(text.upper())
+    return {"files": [first, second], "count": 2}
+
+
+@task(version="1.0", memory_mb=64)
+def read_text(source: FileRef) -> str:
+    return source.read_text() + f" ({source.name})"
+
+
+@task(version="1.0", memory_mb=64)
+def concat(sources: list[Path], sep: str = "+") -> str:
+    return sep.join(p.read_text() for p in sources)
+
+
+@task(version="1.0", memory_mb=64)
+def wrong_type(x: int) -> str:
+    return x  # type: ignore[return-value]
+
+
+@task(version="1.0", memory_mb=64, vcpu=1, timeout=60)
+def limits() -> dict:
+    return {"ok": True}
 '''
 
 SCRIPT = '''
@@ -335,3 +377,164 @@ def test_detach_by_sigkill_then_reattach(tasks: Any, home: Path, tmp_path: Path)
     assert 'RESULT "opened detach"' in second.stdout
     assert json.loads(second.stdout.split("RESULT ", 1)[1]) == "opened detach"
     assert job_count(home) == 1
+
+
+def test_file_output_is_a_local_file_ref(tasks: Any, client: Any, home: Path) -> None:
+    ref = tasks.write_text.run("hello file")
+    assert isinstance(ref, FileRef)
+    assert ref.name == "out.txt" and ref.step == "task" and ref.size == 10
+    assert ref.read_bytes() == b"hello file" and ref.read_text() == "hello file"
+    assert Path(ref.path).is_relative_to(home)             # the cell's own output file
+    with ref.open() as handle:
+        assert handle.read() == b"hello file"
+    (home.parent / "downloads").mkdir()
+    target = ref.download(home.parent / "downloads")       # a folder: the base name in it
+    assert target.read_text() == "hello file" and target.name == "out.txt"
+    assert ref.download(home.parent / "new" / "copy.txt").read_text() == "hello file"
+    import blake3
+    assert ref.digest == blake3.blake3(b"hello file").hexdigest()
+
+
+def test_nested_file_outputs(tasks: Any, client: Any) -> None:
+    value = tasks.write_two.run("ab")
+    assert value["count"] == 2
+    first, second = value["files"]
+    assert (first.name, second.name) == ("a.txt", "sub/b.txt")
+    assert (first.read_text(), second.read_text()) == ("ab", "AB")
+
+
+def test_file_ref_passed_on_to_another_task(tasks: Any, client: Any, home: Path) -> None:
+    async def main() -> tuple[Any, str]:
+        ref = await tasks.write_text("passed on", name="note.txt")
+        return ref, await tasks.read_text(ref)
+    ref, text = asyncio.run(main())
+    assert text == "passed on (source/note.txt)"
+    with Cell(home, auto_worker=False) as cell:
+        jobs = cell.list(limit=10)
+        reader = next(j for j in jobs if j["job_id"] != ref.execution_id)
+        step = cell.status(reader["job_id"])["steps"][0]
+        assert step["files"] == {"source/note.txt": ref.digest}   # staged by content
+
+
+def test_local_files_as_input_and_the_cache_key_follows_content(
+        tasks: Any, client: Any, home: Path, tmp_path: Path) -> None:
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    one.write_text("1")
+    two.write_text("2")
+    assert tasks.concat.run([one, two]) == "1+2"
+    assert tasks.concat.run([str(one), FileRef.local(two)]) == "1+2"   # same content: hit
+    assert job_count(home) == 1
+    assert names(client.events).count("cache_hit") == 1
+    one.write_text("one")                                # new content: a new execution
+    assert tasks.concat.run([one, two]) == "one+2"
+    assert job_count(home) == 2
+    assert tasks.read_text.run(one) == "one (source/one.txt)"
+    with pytest.raises(FileRefError, match="not a readable regular file"):
+        tasks.read_text.run(tmp_path / "missing.txt")
+
+
+def test_output_checked_against_the_return_annotation(tasks: Any, client: Any) -> None:
+    with pytest.raises(TaskOutputError, match="does not match its return annotation"):
+        tasks.wrong_type.run(3)
+
+
+def test_provisioning_overrides_the_step_resources(tasks: Any, client: Any,
+                                                   home: Path) -> None:
+    assert tasks.limits.run() == {"ok": True}
+    with scoped_config(vcpu=1.5, memory_mb=96, timeout_minutes=2):
+        assert tasks.limits.run() == {"ok": True}       # a client-cache hit: same key
+    assert job_count(home) == 1
+    with scoped_config(vcpu=1.5, memory_mb=96, timeout_minutes=2,
+                       cache_mode=CacheMode.WRITE_ONLY):
+        assert tasks.limits.run() == {"ok": True}
+    with Cell(home, auto_worker=False) as cell:
+        jobs = sorted(cell.list(limit=10), key=lambda j: j["created_at"])
+        assert len(jobs) == 2
+        first, second = (cell.status(j["job_id"])["steps"][0] for j in jobs)
+        assert (first["cpu_slots"], first["memory_mb"]) == (1, 64)
+        assert (second["cpu_slots"], second["memory_mb"]) == (2, 96)
+        spec = cell.store.get_job(jobs[1]["job_id"]).spec
+        assert spec["steps"][0]["resources"] == {"cpu_slots": 2, "memory_mb": 96,
+                                                 "timeout_s": 120.0}
+
+
+def test_provisioning_that_never_fits_is_refused_at_submit(tasks: Any, client: Any) -> None:
+    with scoped_config(memory_gb=1_000_000), pytest.raises(Exception, match="memory"):
+        tasks.limits.run()
+
+
+def _interrupt_script(tasks: Any, home: Path, tmp_path: Path, cancel: str) -> Path:
+    script = tmp_path / "script.py"
+    text = textwrap.dedent(SCRIPT.format(
+        tasks_dir=str(Path(tasks.__file__).parent), home=str(home),
+        cache=str(tmp_path / "script-cache.sqlite"), gate=str(tmp_path / "gate")))
+    script.write_text(text.replace("events = []",
+                                   f"global_config.cancel_on_interrupt = {cancel}\nevents = []"))
+    return script
+
+
+def test_interrupt_with_cancel_on_interrupt_cancels(tasks: Any, home: Path,
+                                                    tmp_path: Path) -> None:
+    script = _interrupt_script(tasks, home, tmp_path, "True")
+    first = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = first.stdout.readline() if first.stdout else ""
+        assert line.startswith("EVENT submitted"), line
+        job_id = line.split()[2]
+        with Cell(home, auto_worker=False) as cell:
+            wait_for(lambda: cell.status(job_id)["state"] == "running", what="running")
+            first.send_signal(signal.SIGINT)
+            first.communicate(timeout=30)
+            wait_for(lambda: cell.status(job_id)["state"] == "cancelled", what="cancelled")
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_interactive_interrupt_asks_whether_to_cancel(tasks: Any, home: Path, tmp_path: Path,
+                                                      answer: str) -> None:
+    import pty
+    import select
+
+    script = _interrupt_script(tasks, home, tmp_path, "None")
+    master, slave = pty.openpty()
+    first = subprocess.Popen([sys.executable, str(script)], stdin=slave, stdout=slave,
+                             stderr=slave, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 30.0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+    try:
+        read_until(b"EVENT submitted")
+        job_id = seen.split(b"EVENT submitted ", 1)[1].split()[0].decode()
+        with Cell(home, auto_worker=False) as cell:
+            wait_for(lambda: cell.status(job_id)["state"] == "running", what="running")
+            first.send_signal(signal.SIGINT)
+            read_until(b"[y/N]")
+            assert b"Cancel the running executions too?" in seen
+            os.write(master, answer.encode() + b"\n")
+            first.wait(timeout=30)
+            if answer == "y":
+                wait_for(lambda: cell.status(job_id)["state"] == "cancelled",
+                         what="cancelled")
+            else:
+                time.sleep(0.3)
+                assert cell.status(job_id)["state"] == "running"   # detached: it goes on
+                cell.cancel(job_id)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        os.close(master)

@@ -31,16 +31,19 @@ from jobcell.client.task import (
     TaskError,
     TaskFailed,
     TaskFunction,
+    TaskOutputError,
     task,
     task_client,
 )
+from jobcell.fileref import FileRef, FileRefError
 
 __all__ = [
     "EVENTS", "Backend", "CacheConfiguration", "CacheConfigurationChained",
     "CacheConfigurationSQLite", "CacheConfigurationShelve", "CacheMode", "Callback",
-    "DecoratedTask", "ExecutionRequest", "ExecutionResult", "ExecutionStatus",
+    "DecoratedTask", "ExecutionRequest", "ExecutionResult", "ExecutionStatus", "FileRef",
+    "FileRefError",
     "LocalBackend", "SubmissionsDisabled", "TaskConfig", "TaskDefinition",
-    "TaskDefinitionError", "TaskError", "TaskFailed", "TaskFunction",
+    "TaskDefinitionError", "TaskError", "TaskFailed", "TaskFunction", "TaskOutputError",
     "TaskRegistrationError", "current_config", "global_config", "scoped_config", "task",
     "task_client",
 ]

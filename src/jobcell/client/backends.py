@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from jobcell.errors import JobcellError, NotFoundError
+from jobcell.fileref import FileRef
 
 if TYPE_CHECKING:
     from jobcell.service import Cell
@@ -40,6 +42,8 @@ class ExecutionRequest:
     execution_id: str | None = None
     state: str | None = None
     progress: dict[str, Any] = field(default_factory=dict)
+    # Files given as input, by the name they are staged under (the param's value).
+    files: dict[str, FileRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class TaskDefinition:
     params: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
     python: str | None = None
+    returns: Any = None     # the return annotation the output is checked against
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class ExecutionResult:
     output: Any = None
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    # The task step's output files by name (what file markers in ``output`` name).
+    files: dict[str, FileRef] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -100,9 +107,15 @@ class Backend(Protocol):
         """Register the task's runner if this backend registers runners."""
         ...
 
+    async def stage_files(self, files: dict[str, FileRef]) -> dict[str, str]:
+        """Put input files where the backend's jobs can name them (uploads of the
+        submitting owner); returns each name's BLAKE3 digest."""
+        ...
+
     async def submit(self, request: ExecutionRequest, *, fresh: bool) -> tuple[str, bool]:
-        """Submit; returns (execution id, whether an identical execution was reused).
-        ``fresh``: do not reuse earlier executions (the cache mode asks for new work)."""
+        """Submit (staging ``request.files`` first); returns (execution id, whether an
+        identical execution was reused). ``fresh``: do not reuse earlier executions (the
+        cache mode asks for new work)."""
         ...
 
     async def status(self, execution_id: str) -> ExecutionStatus | None:
@@ -116,6 +129,37 @@ class Backend(Protocol):
     async def cancel(self, execution_id: str) -> None:
         """Ask the backend to cancel the execution."""
         ...
+
+
+TASK_STEP = "task"
+
+
+def node_resources(provisioning: dict[str, Any]) -> dict[str, Any]:
+    """The step's resource override from the client's provisioning (``vcpu`` rounds up
+    to whole CPU slots)."""
+    resources: dict[str, Any] = {}
+    if provisioning.get("vcpu") is not None:
+        resources["cpu_slots"] = max(1, math.ceil(provisioning["vcpu"]))
+    if provisioning.get("memory_mb") is not None:
+        resources["memory_mb"] = int(provisioning["memory_mb"])
+    if provisioning.get("gpu") is not None:
+        resources["gpus"] = int(provisioning["gpu"])
+    if provisioning.get("timeout_s") is not None:
+        resources["timeout_s"] = float(provisioning["timeout_s"])
+    return resources
+
+
+def execution_spec(request: ExecutionRequest, *, fresh: bool,
+                   digests: dict[str, str]) -> dict[str, Any]:
+    """The job spec of one execution: one step named ``task``."""
+    step: dict[str, Any] = {"id": TASK_STEP, "runner": request.task_name,
+                            "params": request.input}
+    if digests:
+        step["files"] = digests
+    resources = node_resources(request.provisioning)
+    if resources:
+        step["resources"] = resources
+    return {"label": request.label, "cache": not fresh, "steps": [step]}
 
 
 class LocalBackend:
@@ -134,7 +178,6 @@ class LocalBackend:
         self._lock = threading.RLock()
         self._registered: dict[str, Any] = {}
         self._worker_checked = 0.0
-        self._warned_provisioning = False
 
     def __repr__(self) -> str:
         return f"LocalBackend(home={self.home!r})"
@@ -201,15 +244,21 @@ class LocalBackend:
         self.cell.register_runner(data)
         self._registered[definition.name] = data
 
+    async def stage_files(self, files: dict[str, FileRef]) -> dict[str, str]:
+        root = str(self.cell.home.root)
+
+        def stage(ref: FileRef) -> str:
+            if ref.execution_id and ref.step and ref.path and ref.path.startswith(root):
+                answer = self.cell.upload_output(ref.execution_id, ref.step, ref.name,
+                                                 owner=self.owner)
+            else:
+                answer = self.cell.upload(ref.chunks(), owner=self.owner)
+            return str(answer["digest"])
+        return {name: await self._call(stage, ref) for name, ref in files.items()}
+
     async def submit(self, request: ExecutionRequest, *, fresh: bool) -> tuple[str, bool]:
-        if request.provisioning and not self._warned_provisioning:
-            self._warned_provisioning = True
-            logger.warning("LocalBackend: per-execution provisioning %s is not applied yet "
-                           "(the cell has no per-job resource override); the task's declared "
-                           "resources are used", request.provisioning)
-        spec = {"label": request.label, "cache": not fresh,
-                "steps": [{"id": "task", "runner": request.task_name,
-                           "params": request.input}]}
+        digests = await self.stage_files(request.files)
+        spec = execution_spec(request, fresh=fresh, digests=digests)
         answer = await self._call(self.cell.submit, spec, owner=self.owner, dedup=not fresh)
         self._worker_checked = time.monotonic()
         return answer.job_id, answer.deduplicated
@@ -234,7 +283,13 @@ class LocalBackend:
         def fetch() -> ExecutionResult:
             answer = self.cell.result(execution_id, owner=self.owner)
             if answer["state"] == "succeeded":
-                return ExecutionResult(execution_id, "succeeded", answer["result"])
+                files = {o["name"]: FileRef(name=o["name"], path=o["path"],
+                                            execution_id=execution_id, step=o["step"],
+                                            digest=o["blake3"], size=o["size"])
+                         for o in self.cell.outputs(execution_id, owner=self.owner)
+                         if o["step"] == TASK_STEP}
+                return ExecutionResult(execution_id, "succeeded", answer["result"],
+                                       files=files)
             job = self.cell.status(execution_id, owner=self.owner)
             errors = [s["error"] for s in job["steps"] if s.get("error")]
             logs = self.cell.logs(execution_id, last_n=20, owner=self.owner)

@@ -165,6 +165,9 @@ class TaskConfig(Callbacks):
         self.cache: CacheConfiguration = CacheConfigurationSQLite()
         self.throttling = Throttling()
         self.provisioning = Provisioning()
+        # On Ctrl-C while awaiting: None asks when interactive (else detaches), True
+        # cancels the awaited executions, False detaches (they go on; a re-run re-attaches).
+        self.cancel_on_interrupt: bool | None = None
         self._init_callbacks()
 
     def copy(self) -> TaskConfig:
@@ -174,6 +177,7 @@ class TaskConfig(Callbacks):
         new.cache = self.cache.copy()
         new.throttling = copy.deepcopy(self.throttling)
         new.provisioning = copy.deepcopy(self.provisioning)
+        new.cancel_on_interrupt = self.cancel_on_interrupt
         new._init_callbacks(shared=self)
         return new
 

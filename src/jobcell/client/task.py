@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import math
+import os
 import sys
 import types
 import typing
@@ -30,8 +32,10 @@ from jobcell.client.cache import (
 )
 from jobcell.client.config import CacheMode, TaskConfig, current_config
 from jobcell.errors import JobcellError
+from jobcell.fileref import FileRef, decode_value, is_file_annotation
 
 R = TypeVar("R")
+logger = logging.getLogger("jobcell.client")
 _SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
            dict: "object", tuple: "array"}
 
@@ -46,6 +50,11 @@ class TaskDefinitionError(TaskError, TypeError):
 
 class SubmissionsDisabled(TaskError):
     """``disable_submissions`` is set and the execution is in no cache."""
+
+
+class TaskOutputError(TaskError):
+    """The execution succeeded but its output does not match the task's return type, or
+    names a file the execution does not have."""
 
 
 class TaskFailed(TaskError):
@@ -71,6 +80,8 @@ def _param_type(annotation: Any, where: str) -> tuple[str, bool]:
         if len(members) == 1 and len(typing.get_args(annotation)) == 2:
             return _param_type(members[0], where)[0], True
         raise TaskDefinitionError(f"{where}: unions other than 'X | None' are not supported")
+    if is_file_annotation(annotation):
+        return "string", False      # the file's name in the step's input folder
     base = origin if origin is not None else annotation
     if base in _SIMPLE:
         return _SIMPLE[base], False
@@ -97,7 +108,12 @@ def params_from_signature(function: Callable[..., Any]) -> dict[str, dict[str, A
                                       "parameters cannot be task params")
         if param.name not in hints:
             raise TaskDefinitionError(f"{where}: needs a type annotation")
-        kind, optional = _param_type(hints[param.name], where)
+        hint = hints[param.name]
+        if typing.get_origin(hint) is list and typing.get_args(hint) and \
+                is_file_annotation(typing.get_args(hint)[0]):
+            kind, optional = "array", False
+        else:
+            kind, optional = _param_type(hint, where)
         spec: dict[str, Any] = {"type": kind}
         if param.default is not param.empty:
             if param.default is not None:
@@ -156,21 +172,27 @@ class TaskFunction(Generic[R]):
     def version(self) -> str:
         return self.definition.version
 
-    def _params(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _file_params(self) -> set[str]:
+        return set()
+
+    def _params(self, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, FileRef]]:
         if self._signature is None:
             if args:
                 raise TypeError(f"task client {self.name!r} takes keyword arguments only")
-            return _validated(self.definition, kwargs)
-        bound = self._signature.bind(*args, **kwargs)
-        values = {k: list(v) if isinstance(v, tuple) else v
-                  for k, v in bound.arguments.items() if k != "context"}
-        return _validated(self.definition, values)
+            values = dict(kwargs)
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            values = {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in bound.arguments.items() if k != "context"}
+        values, files = extract_files(values, self._file_params())
+        return _validated(self.definition, values), files
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, R]:
         """Bind the arguments and the configuration in effect now; returns the coroutine
         that runs the execution when awaited."""
-        params = self._params(args, kwargs)
-        return execute(self.definition, self.label, params, current_config())
+        params, files = self._params(args, kwargs)
+        return execute(self.definition, self.label, params, current_config(), files)
 
     def run(self, *args: Any, **kwargs: Any) -> R:
         """Run the task to completion from synchronous code (not inside an event loop)."""
@@ -191,9 +213,23 @@ class DecoratedTask(TaskFunction[R]):
 
     def __init__(self, function: Callable[..., R], definition: TaskDefinition,
                  label: str) -> None:
-        super().__init__(definition, label, inspect.signature(function))
+        signature = inspect.signature(function)
+        # ``context`` is the runner's StepContext, given by the runner, never by callers.
+        signature = signature.replace(parameters=[
+            p for p in signature.parameters.values() if p.name != "context"])
+        super().__init__(definition, label, signature)
         self.function = function
         functools.update_wrapper(self, function)
+
+    def _file_params(self) -> set[str]:
+        hints = typing.get_type_hints(self.function)
+        names = set()
+        for name, hint in hints.items():
+            args = typing.get_args(hint)
+            if is_file_annotation(hint) or (typing.get_origin(hint) is list and args
+                                            and is_file_annotation(args[0])):
+                names.add(name)
+        return names
 
 
 def task(function: Callable[..., R] | None = None, *, version: str = "0",
@@ -226,7 +262,8 @@ def task(function: Callable[..., R] | None = None, *, version: str = "0",
             name=name or fn.__name__, version=str(version), function=fn,
             params=params_from_signature(fn),
             resources=task_resources(memory_mb, vcpu, gpu, timeout),
-            python=f"{fn.__module__}:{alias}")
+            python=f"{fn.__module__}:{alias}",
+            returns=typing.get_type_hints(fn).get("return"))
         return DecoratedTask(fn, definition, label or fn.__module__.split(".")[0])
 
     return decorate(function) if function is not None else decorate
@@ -246,6 +283,53 @@ def task_client(name: str, version: str = "0", *, label: str | None = None,
 # -- the execution
 
 
+def _as_ref(value: Any) -> FileRef | None:
+    if isinstance(value, FileRef):
+        return value
+    if isinstance(value, os.PathLike):
+        return FileRef.local(value)
+    return None
+
+
+def extract_files(params: dict[str, Any],
+                  file_params: set[str]) -> tuple[dict[str, Any], dict[str, FileRef]]:
+    """Params with each file (a ``FileRef``, a path, or a string for a param annotated as
+    a file; or a list of them) replaced by the name it is staged under, and the files by
+    those names: ``<param>/<base name>`` (``<param>/<i>/<base name>`` in a list)."""
+    out = dict(params)
+    files: dict[str, FileRef] = {}
+    for key, value in params.items():
+        wanted = key in file_params
+        ref = _as_ref(value) or (FileRef.local(value) if wanted and isinstance(value, str)
+                                 else None)
+        if ref is not None:
+            out[key] = f"{key}/{ref.basename}"
+            files[out[key]] = ref
+        elif isinstance(value, list) and value and (wanted or all(
+                _as_ref(v) is not None for v in value)):
+            names = []
+            for i, item in enumerate(value):
+                item_ref = _as_ref(item) or (FileRef.local(item) if isinstance(item, str)
+                                             else None)
+                if item_ref is None:
+                    raise TypeError(f"param {key!r}: item {i} is not a file: {item!r}")
+                names.append(f"{key}/{i}/{item_ref.basename}")
+                files[names[-1]] = item_ref
+            out[key] = names
+    return out, files
+
+
+def _digest(ref: FileRef) -> str:
+    if ref.digest:
+        return ref.digest
+    import blake3
+
+    hasher = blake3.blake3()
+    for chunk in ref.chunks():
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 async def _initialized(config: TaskConfig) -> Backend:
     backend = config.resolved_backend()
     if await backend.initialize():
@@ -258,12 +342,20 @@ def _storage(config: TaskConfig) -> CacheStorage | None:
 
 
 async def execute(definition: TaskDefinition, label: str, params: dict[str, Any],
-                  config: TaskConfig) -> Any:
-    """Run one execution of ``definition`` with ``params`` under ``config``."""
+                  config: TaskConfig, files: dict[str, FileRef] | None = None) -> Any:
+    """Run one execution of ``definition`` with ``params`` (and input ``files``, by the
+    names the params give them) under ``config``."""
+    files = files or {}
     backend = await _initialized(config)
+    key_input: Any = params
+    if files:
+        # Files count by content, so a re-run with the same files re-attaches.
+        digests = {name: await asyncio.to_thread(_digest, ref) for name, ref in files.items()}
+        key_input = {"params": params, "files": digests}
     request = ExecutionRequest(definition.name, definition.version, params,
                                config.provisioning.to_dict(), label,
-                               cache_key(definition.name, definition.version, params))
+                               cache_key(definition.name, definition.version, key_input),
+                               files=dict(files))
     config.fire("creating", request)
     mode = config.cache.mode
     storage = _storage(config)
@@ -282,9 +374,9 @@ async def execute(definition: TaskDefinition, label: str, params: dict[str, Any]
             if decision == "use":
                 config.fire("cache_hit", request)
                 _write(config, storage, backend, request)
-                return _outcome(request, await backend.result(entry.execution_id))
+                return _outcome(definition, request, await backend.result(entry.execution_id))
             config.fire("reattached", request)
-            return await _observe(backend, config, storage, request)
+            return await _observe(definition, backend, config, storage, request)
     if decision != "off":
         config.fire("cache_ignored" if decision == "ignore" else "cache_miss", request)
     if config.throttling.disable_submissions:
@@ -297,7 +389,7 @@ async def execute(definition: TaskDefinition, label: str, params: dict[str, Any]
     request.state = "queued"
     config.fire("reattached" if reused else "submitted", request)
     _write(config, storage, backend, request)
-    return await _observe(backend, config, storage, request)
+    return await _observe(definition, backend, config, storage, request)
 
 
 def _write(config: TaskConfig, storage: CacheStorage | None, backend: Backend,
@@ -314,15 +406,75 @@ def _write(config: TaskConfig, storage: CacheStorage | None, backend: Backend,
     config.fire("cache_write", request)
 
 
-def _outcome(request: ExecutionRequest, result: ExecutionResult) -> Any:
+def _check_return(definition: TaskDefinition, value: Any) -> None:
+    """Raise :class:`TaskOutputError` when ``value`` does not match the return hint."""
+    hint = definition.returns
+    if hint is None or hint is Any or is_file_annotation(hint):
+        if is_file_annotation(hint) and not isinstance(value, FileRef):
+            raise TaskOutputError(f"task {definition.name!r} returned {value!r}, not a file")
+        return
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    try:
+        TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)
+                    ).validate_python(value)
+    except ValidationError as exc:
+        raise TaskOutputError(
+            f"task {definition.name!r} returned a value that does not match its return "
+            f"annotation {hint!r}: {exc.errors()[0].get('msg', exc)} "
+            f"(got {str(value)[:200]!r})") from None
+    except Exception as exc:   # an annotation pydantic cannot check: say so, accept it
+        logger.debug("cannot check the output of %s against %r: %s", definition.name,
+                     hint, exc)
+
+
+def _outcome(definition: TaskDefinition, request: ExecutionRequest,
+             result: ExecutionResult) -> Any:
     request.state = result.state
-    if result.state == "succeeded":
-        return result.output
-    raise TaskFailed(request, result)
+    if result.state != "succeeded":
+        raise TaskFailed(request, result)
+
+    def resolve(name: str) -> FileRef:
+        ref = result.files.get(name)
+        if ref is None:
+            raise TaskOutputError(f"the output of task {definition.name!r} (execution "
+                                  f"{result.execution_id}) names file {name!r}, which the "
+                                  "execution does not have")
+        return ref
+    value = decode_value(result.output, resolve)
+    _check_return(definition, value)
+    return value
 
 
-async def _observe(backend: Backend, config: TaskConfig, storage: CacheStorage | None,
-                   request: ExecutionRequest) -> Any:
+_interrupt_answers: dict[int, bool] = {}
+
+
+def _ask_cancel(request: ExecutionRequest) -> bool:
+    """Ask once per event loop whether interrupted executions should be cancelled."""
+    loop = id(asyncio.get_running_loop())
+    if loop not in _interrupt_answers:
+        try:
+            answer = input(f"\nInterrupted while awaiting task {request.task_name!r} "
+                           f"(execution {request.execution_id}). Cancel the running "
+                           "executions too? They go on otherwise, and re-running the script "
+                           "re-attaches. [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        _interrupt_answers.clear()
+        _interrupt_answers[loop] = answer.strip().lower() in ("y", "yes")
+    return _interrupt_answers[loop]
+
+
+def _cancel_wanted(config: TaskConfig, request: ExecutionRequest) -> bool:
+    if config.cancel_on_interrupt is not None:
+        return bool(config.cancel_on_interrupt)
+    interactive = sys.stdin is not None and sys.stdin.isatty() and \
+        sys.stdout is not None and sys.stdout.isatty()
+    return interactive and _ask_cancel(request)
+
+
+async def _observe(definition: TaskDefinition, backend: Backend, config: TaskConfig,
+                   storage: CacheStorage | None, request: ExecutionRequest) -> Any:
     execution_id = request.execution_id
     assert execution_id is not None
     delay = backend.poll_interval_s
@@ -343,11 +495,19 @@ async def _observe(backend: Backend, config: TaskConfig, storage: CacheStorage |
             delay = min(delay * 1.5, backend.max_poll_interval_s)
     except (asyncio.CancelledError, KeyboardInterrupt):
         # Detach: the execution goes on; its pending cache entry lets a re-run re-attach.
+        # Unless the user says to cancel it (asked when interactive).
         config.fire("interrupt_waiting", request)
+        if _cancel_wanted(config, request):
+            try:
+                await asyncio.shield(backend.cancel(execution_id))
+                logger.warning("cancelled execution %s of task %s", execution_id,
+                               request.task_name)
+            except Exception as exc:
+                logger.warning("could not cancel execution %s: %s", execution_id, exc)
         raise
     result = await backend.result(execution_id)
     request.state = result.state
     config.fire("finished", request)
     if entry_state(result.state) != "pending":
         _write(config, storage, backend, request)
-    return _outcome(request, result)
+    return _outcome(definition, request, result)

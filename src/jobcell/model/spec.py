@@ -14,7 +14,13 @@ from jobcell.model.canonical import canonical_json, hash_value
 from jobcell.model.dag import CycleError, topological_order
 from jobcell.model.params import validate_params
 from jobcell.model.profiles import apply_profile
-from jobcell.model.runner import Resources, RunnerDefinition, check_name, check_relative_path
+from jobcell.model.runner import (
+    ProfileResources,
+    Resources,
+    RunnerDefinition,
+    check_name,
+    check_relative_path,
+)
 from jobcell.model.validation import describe_validation_error
 
 MAX_SPEC_BYTES = 1_048_576
@@ -37,6 +43,9 @@ class NodeSpec(BaseModel):
     inputs: list[str] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict)
     cache: bool | None = None
+    # Per-step provisioning: replaces the named parts of the runner's (or its chosen
+    # profile's) resources. Not part of the step-cache key.
+    resources: ProfileResources | None = None
 
     @field_validator("files")
     @classmethod
@@ -234,6 +243,11 @@ def compile_spec(data: Any, runners: Mapping[str, RunnerDefinition],
         cache = spec.cache and node.cache is not False and runner.cacheable
         input_bytes = _input_bytes(node, layout, upload_size)
         runner, profile = apply_profile(runner, input_bytes, params)
+        if node.resources is not None:
+            override = node.resources.model_dump(exclude_none=True)
+            if override:
+                runner = runner.model_copy(update={"resources": Resources(
+                    **{**runner.resources.model_dump(), **override})})
         steps.append(CompiledStep(
             step_id=node_id, index=index, runner=runner, runner_hash=runner.definition_hash(),
             params=params, inputs=tuple(node.inputs), input_layout=layout, cache=cache,

@@ -359,6 +359,19 @@ async def upload(request: Request, user: User, cell: CellDep) -> dict[str, Any]:
     return answer
 
 
+@router.post("/uploads/from-output", status_code=201, response_model=m.UploadAnswer,
+             tags=["uploads"], summary="Make an output file of yours an upload",
+             responses=problem_responses(400, 401, 404, 413, 422))
+def upload_from_output(body: m.FromOutput, user: User, cell: CellDep) -> dict[str, Any]:
+    """Copy one output file of your job into your uploads (by content), so that another
+    job's step can name it in ``files``: a file goes from task to task without being
+    downloaded by the client. The output's download link may have expired."""
+    try:
+        return cell.upload_output(body.job_id, body.step, body.name, owner=user)
+    except UploadTooLargeError as exc:
+        raise ProblemError(413, str(exc)) from None
+
+
 # -- admin
 @router.get("/admin/jobs", response_model=m.JobPage, tags=["admin"],
             summary="List every owner's jobs", responses=problem_responses(400, 401, 403, 422))

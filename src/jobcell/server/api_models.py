@@ -276,6 +276,16 @@ class UploadAnswer(BaseModel):
     size: int
 
 
+class FromOutput(BaseModel):
+    """One output file of one of your jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(max_length=64)
+    step: str = Field(max_length=200)
+    name: str = Field(max_length=4096)
+
+
 class TagCancel(BaseModel):
     """Cancel every active job with a tag matching a glob."""
 
