@@ -55,14 +55,22 @@ def start_worker(home: CellHome, store: Store, ttl: float,
     return worker_status(store, ttl)
 
 
+# Workers this process started: kept so that they are reaped when they exit (a dropped
+# Popen of a running child only gets a ResourceWarning and a later reap).
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
 def _spawn(home: CellHome) -> subprocess.Popen[bytes]:
+    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
     env = dict(os.environ)
     env["JOBCELL_HOME"] = str(home.root)
     with home.worker_log.open("ab") as log:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "jobcell.worker", "--home", str(home.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env=env, cwd=home.root)
+    _SPAWNED.append(process)
+    return process
 
 
 def _wait_for_lock(store: Store, ttl: float, process: subprocess.Popen[bytes],

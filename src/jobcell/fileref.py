@@ -77,8 +77,12 @@ class FileRef:
 
         assert self.url is not None
         client = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
-        request = client.build_request("GET", self.url)
-        response = client.send(request, stream=True)
+        try:
+            response = client.send(client.build_request("GET", self.url), stream=True)
+        except httpx.HTTPError as exc:
+            client.close()
+            raise FileRefError(f"downloading {self.name!r} from {self.url} failed: "
+                               f"{exc}") from None
         if response.status_code == 403:
             response.close()
             client.close()

@@ -117,3 +117,36 @@ def test_step_resources_override_the_runner_and_not_the_cache_hash() -> None:
     with pytest.raises(SpecError):
         compile_spec({"label": "l", "steps": [{"runner": "r",
                                                "resources": {"memory_mb": -1}}]}, runners)
+
+
+@pytest.mark.parametrize(("hint", "value", "ok"), [
+    (list[Path], [FileRef("a", path="/x/a")], True),
+    (list[FileRef], [FileRef("a", path="/x/a")], True),
+    (dict[str, Path], {"k": FileRef("a")}, True),
+    (Path, FileRef("a"), True),
+    (FileRef, "not a file", False),
+    (int, "x", False),
+    (list[int], [1, "two"], False),
+    (str, "fine", True),
+])
+def test_output_checked_against_the_return_hint(hint: Any, value: Any, ok: bool) -> None:
+    from jobcell.client.backends import TaskDefinition
+    from jobcell.client.task import TaskOutputError, _check_return
+
+    definition = TaskDefinition("t", "1", returns=hint)
+    if ok:
+        _check_return(definition, value)
+    else:
+        with pytest.raises(TaskOutputError, match="task 't' returned"):
+            _check_return(definition, value)
+
+
+def test_unreachable_url_is_a_file_ref_error() -> None:
+    import socket
+
+    with socket.socket() as sock:      # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ref = FileRef("x.txt", url=f"http://127.0.0.1:{port}/files/x")
+    with pytest.raises(FileRefError, match="failed"):
+        ref.read_bytes()

@@ -8,7 +8,6 @@ tasks never blocks the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -204,6 +203,8 @@ class LocalBackend:
                 self._cell = None
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        import asyncio
+
         def locked() -> T:
             with self._lock:
                 return function(*args, **kwargs)

@@ -9,7 +9,6 @@ next run of the script re-attaches to it.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
@@ -196,6 +195,8 @@ class TaskFunction(Generic[R]):
 
     def run(self, *args: Any, **kwargs: Any) -> R:
         """Run the task to completion from synchronous code (not inside an event loop)."""
+        import asyncio
+
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -345,6 +346,8 @@ async def execute(definition: TaskDefinition, label: str, params: dict[str, Any]
                   config: TaskConfig, files: dict[str, FileRef] | None = None) -> Any:
     """Run one execution of ``definition`` with ``params`` (and input ``files``, by the
     names the params give them) under ``config``."""
+    import asyncio
+
     files = files or {}
     backend = await _initialized(config)
     key_input: Any = params
@@ -415,17 +418,34 @@ def _check_return(definition: TaskDefinition, value: Any) -> None:
         return
     from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+    adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
     try:
-        TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)
-                    ).validate_python(value)
+        try:
+            adapter.validate_python(value)
+        except ValidationError:
+            # A FileRef stands for a returned path: ``-> list[Path]`` holds FileRefs.
+            adapter.validate_python(_refs_as_paths(value))
     except ValidationError as exc:
         raise TaskOutputError(
             f"task {definition.name!r} returned a value that does not match its return "
-            f"annotation {hint!r}: {exc.errors()[0].get('msg', exc)} "
+            f"annotation {hint.__name__ if isinstance(hint, type) else hint}: "
+            f"{exc.errors()[0].get('msg', exc)} "
             f"(got {str(value)[:200]!r})") from None
     except Exception as exc:   # an annotation pydantic cannot check: say so, accept it
         logger.debug("cannot check the output of %s against %r: %s", definition.name,
                      hint, exc)
+
+
+def _refs_as_paths(value: Any) -> Any:
+    from pathlib import Path
+
+    if isinstance(value, FileRef):
+        return Path(value.path or value.name)
+    if isinstance(value, list):
+        return [_refs_as_paths(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _refs_as_paths(v) for k, v in value.items()}
+    return value
 
 
 def _outcome(definition: TaskDefinition, request: ExecutionRequest,
@@ -451,6 +471,8 @@ _interrupt_answers: dict[int, bool] = {}
 
 def _ask_cancel(request: ExecutionRequest) -> bool:
     """Ask once per event loop whether interrupted executions should be cancelled."""
+    import asyncio
+
     loop = id(asyncio.get_running_loop())
     if loop not in _interrupt_answers:
         try:
@@ -475,6 +497,8 @@ def _cancel_wanted(config: TaskConfig, request: ExecutionRequest) -> bool:
 
 async def _observe(definition: TaskDefinition, backend: Backend, config: TaskConfig,
                    storage: CacheStorage | None, request: ExecutionRequest) -> Any:
+    import asyncio
+
     execution_id = request.execution_id
     assert execution_id is not None
     delay = backend.poll_interval_s
