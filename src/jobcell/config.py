@@ -16,9 +16,12 @@ from jobcell.client.config import (
     global_config,
     scoped_config,
 )
+from jobcell.client.rest import RestBackend
+from jobcell.client.slurm import SlurmBackend
 
 __all__ = [
     "CacheConfiguration", "CacheConfigurationChained", "CacheConfigurationSQLite",
-    "CacheConfigurationShelve", "CacheMode", "LocalBackend", "TaskConfig", "current_config",
-    "global_config", "scoped_config",
+    "CacheConfigurationShelve", "CacheMode", "LocalBackend", "RestBackend",
+    "SlurmBackend", "TaskConfig",
+    "current_config", "global_config", "scoped_config",
 ]
