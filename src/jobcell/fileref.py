@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +50,9 @@ class FileRef:
     digest: str | None = None
     size: int | None = None
     expires_at: str | None = None
+    # TLS verification for ``url``: the backend's setting (a CA bundle path, an
+    # ``ssl.SSLContext``, or False).
+    verify: Any = field(default=True, repr=False, compare=False)
 
     @classmethod
     def local(cls, path: str | os.PathLike[str]) -> FileRef:
@@ -76,7 +79,7 @@ class FileRef:
         import httpx
 
         assert self.url is not None
-        client = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
+        client = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), verify=self.verify)
         try:
             response = client.send(client.build_request("GET", self.url), stream=True)
         except httpx.HTTPError as exc:
@@ -144,7 +147,7 @@ class FileRef:
         if target.is_dir():
             target = target / self.basename
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        fd, temp = tempfile.mkstemp(prefix=".jobcell-download-", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 for chunk in self.chunks():
@@ -187,10 +190,13 @@ def decode_value(value: Any, resolve: Callable[[str], FileRef]) -> Any:
     return value
 
 
+RESERVED = frozenset({"output.json"})   # the step's JSON value is written there
+
+
 def _unique(output_dir: Path, name: str) -> Path:
     target = output_dir / name
     stem, suffix, n = target.stem, target.suffix, 1
-    while target.exists():
+    while target.exists() or target.name in RESERVED:
         target = output_dir / f"{stem}-{n}{suffix}"
         n += 1
     return target
@@ -208,7 +214,12 @@ def encode_returned(value: Any, output_dir: Path) -> Any:
         if not source.is_file():
             raise FileRefError(f"the task returned {source}, which is not a regular file")
         if source.is_relative_to(root):
-            return marker(source.relative_to(root).as_posix())
+            name = source.relative_to(root).as_posix()
+            if name in RESERVED:
+                raise FileRefError(f"the task returned {source}: a returned file may not be "
+                                   f"named {name!r} in the output folder (the step's JSON "
+                                   "value is written there)")
+            return marker(name)
         target = _unique(root, source.name)
         shutil.copyfile(source, target)
         return marker(target.relative_to(root).as_posix())
@@ -226,8 +237,50 @@ def is_file_annotation(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, (FileRef, os.PathLike))
 
 
-def staged_value(annotation: Any, name: str, input_dir: Path) -> Any:
-    """Inside a runner: the param value for a staged file ``name``."""
+def _without_none(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (``Optional[X]``); else the annotation itself."""
+    args = getattr(annotation, "__args__", None)
+    if args and type(None) in args and len(args) == 2 and \
+            getattr(annotation, "__origin__", None) is not list:
+        return next(a for a in args if a is not type(None))
+    return annotation
+
+
+def file_kind(annotation: Any) -> tuple[str, Any] | None:
+    """``("file", item)`` for a file annotation, ``("list", item)`` for a list of them
+    (either optionally ``| None``), else None; ``item`` is the file type."""
+    annotation = _without_none(annotation)
+    if is_file_annotation(annotation):
+        return "file", annotation
+    args = getattr(annotation, "__args__", None)
+    if getattr(annotation, "__origin__", None) is list and args and \
+            is_file_annotation(_without_none(args[0])):
+        return "list", _without_none(args[0])
+    return None
+
+
+def staged_name(param: str, basename: str, index: int | None = None) -> str:
+    """The name a file given as param ``param`` is staged under: ``param/[index/]base``,
+    with the base name made safe for a job spec (no backslash, control character or
+    undecodable byte; at most 200 characters, keeping the extension)."""
+    safe = "".join("_" if c == "\\" or ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF else c
+                   for c in basename).strip() or "file"
+    if safe in (".", ".."):
+        safe = "file"
+    if len(safe) > 200:
+        stem, dot, ext = safe.rpartition(".")
+        safe = (stem[: 200 - len(ext) - 1] + dot + ext) if dot and len(ext) < 20 \
+            else safe[:200]
+    return f"{param}/{safe}" if index is None else f"{param}/{index}/{safe}"
+
+
+def staged_value(annotation: Any, name: str, input_dir: Path,
+                 staged: frozenset[str] | set[str]) -> Any:
+    """Inside a runner: the param value for the staged file ``name``, which must be one
+    of the step's ``staged`` files (a param can never name another file)."""
+    if name not in staged:
+        raise FileRefError(f"the param value {name[:200]!r} is not a file staged for this "
+                           "step (pass a FileRef or a path; the client stages it)")
     path = input_dir / name
     if (isinstance(annotation, type) and issubclass(annotation, FileRef)) or \
             annotation == "FileRef":
@@ -237,4 +290,5 @@ def staged_value(annotation: Any, name: str, input_dir: Path) -> Any:
 
 
 __all__ = ["MARKER", "FileRef", "FileRefError", "decode_value", "encode_returned",
-           "is_file_annotation", "marker", "marker_name", "staged_value"]
+           "file_kind", "is_file_annotation", "marker", "marker_name", "staged_name",
+           "staged_value"]

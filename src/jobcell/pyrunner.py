@@ -44,34 +44,27 @@ def _annotations(function: Any) -> dict[str, Any]:
         return {name: p.annotation for name, p in inspect.signature(function).parameters.items()}
 
 
-def _call(function: Any, params: dict[str, Any], context: StepContext) -> Any:
-    from jobcell.fileref import is_file_annotation, staged_value
+def _call(function: Any, params: dict[str, Any], context: StepContext,
+          staged: set[str]) -> Any:
+    from jobcell.fileref import file_kind, staged_value
 
     signature = inspect.signature(function)
     kwargs = dict(params)
     annotations = _annotations(function)
     for name, value in params.items():
-        # A param annotated FileRef or Path names a file staged into the input folder.
-        annotation = annotations.get(name)
-        if isinstance(value, str) and annotation is not None and is_file_annotation(annotation):
-            kwargs[name] = staged_value(annotation, value, context.input_dir)
-        elif isinstance(value, list) and annotation is not None and \
-                typing_list_of_files(annotation):
-            item = annotation.__args__[0]
-            kwargs[name] = [staged_value(item, v, context.input_dir) if isinstance(v, str)
-                            else v for v in value]
+        # A param annotated FileRef or Path (or a list of them, or '| None') names files
+        # staged into the input folder; only those files, never another path.
+        kind = file_kind(annotations[name]) if name in annotations else None
+        if kind is None or value is None:
+            continue
+        if kind[0] == "file" and isinstance(value, str):
+            kwargs[name] = staged_value(kind[1], value, context.input_dir, staged)
+        elif kind[0] == "list" and isinstance(value, list):
+            kwargs[name] = [staged_value(kind[1], v, context.input_dir, staged)
+                            if isinstance(v, str) else v for v in value]
     if "context" in signature.parameters:
         kwargs["context"] = context
     return function(**kwargs)
-
-
-def typing_list_of_files(annotation: Any) -> bool:
-    """Whether ``annotation`` is ``list[FileRef]`` or ``list[Path]``."""
-    from jobcell.fileref import is_file_annotation
-
-    args = getattr(annotation, "__args__", None)
-    return getattr(annotation, "__origin__", None) is list and bool(args) and \
-        is_file_annotation(args[0])
 
 
 def _relocated(inputs: dict[str, Any], staged_at: str | None,
@@ -109,7 +102,7 @@ def main(argv: list[str]) -> int:
                                      attempt_dir / "input"))
     try:
         function = _load(target)
-        value = _call(function, spec.get("params", {}), context)
+        value = _call(function, spec.get("params", {}), context, set(spec.get("files") or ()))
         if _returns_files(value):
             from jobcell.fileref import encode_returned
 

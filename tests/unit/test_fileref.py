@@ -16,9 +16,11 @@ from jobcell.fileref import (
     FileRefError,
     decode_value,
     encode_returned,
+    file_kind,
     is_file_annotation,
     marker,
     marker_name,
+    staged_name,
     staged_value,
 )
 from jobcell.model.runner import RunnerDefinition
@@ -55,9 +57,27 @@ def test_staged_params_by_annotation(tmp_path: Path) -> None:
     (tmp_path / "p" / "f.txt").write_text("abc")
     assert is_file_annotation(FileRef) and is_file_annotation(Path)
     assert not is_file_annotation(str)
-    ref = staged_value(FileRef, "p/f.txt", tmp_path)
+    staged = {"p/f.txt"}
+    ref = staged_value(FileRef, "p/f.txt", tmp_path, staged)
     assert isinstance(ref, FileRef) and ref.read_text() == "abc" and ref.size == 3
-    assert staged_value(Path, "p/f.txt", tmp_path) == tmp_path / "p" / "f.txt"
+    assert staged_value(Path, "p/f.txt", tmp_path, staged) == tmp_path / "p" / "f.txt"
+    for other in ("/etc/passwd", "../x", "p/../p/f.txt", "p/g.txt"):
+        with pytest.raises(FileRefError, match="not a file staged for this step"):
+            staged_value(Path, other, tmp_path, staged)
+
+
+def test_file_kinds_and_staged_names() -> None:
+    assert file_kind(FileRef) == ("file", FileRef)
+    assert file_kind(Path | None) == ("file", Path)
+    assert file_kind(list[Path]) == ("list", Path)
+    assert file_kind(list[FileRef] | None) == ("list", FileRef)
+    assert file_kind(list[str]) is None and file_kind(str | None) is None
+    assert staged_name("src", "a.txt") == "src/a.txt"
+    assert staged_name("src", "a.txt", 2) == "src/2/a.txt"
+    assert staged_name("src", "run\\01\x01.txt") == "src/run_01_.txt"
+    assert staged_name("src", "bad\udcff.txt") == "src/bad_.txt"
+    long = staged_name("src", "x" * 300 + ".fastq")
+    assert len(long) == len("src/") + 200 and long.endswith(".fastq")
 
 
 def test_file_ref_errors(tmp_path: Path) -> None:

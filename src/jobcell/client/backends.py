@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from jobcell.errors import JobcellError, NotFoundError
@@ -246,15 +247,18 @@ class LocalBackend:
         self._registered[definition.name] = data
 
     async def stage_files(self, files: dict[str, FileRef]) -> dict[str, str]:
-        root = str(self.cell.home.root)
+        root = Path(self.cell.home.root)
 
         def stage(ref: FileRef) -> str:
-            if ref.execution_id and ref.step and ref.path and ref.path.startswith(root):
-                answer = self.cell.upload_output(ref.execution_id, ref.step, ref.name,
-                                                 owner=self.owner)
-            else:
-                answer = self.cell.upload(ref.chunks(), owner=self.owner)
-            return str(answer["digest"])
+            if ref.execution_id and ref.step and ref.path and \
+                    Path(ref.path).is_relative_to(root):
+                try:
+                    answer = self.cell.upload_output(ref.execution_id, ref.step, ref.name,
+                                                     owner=self.owner)
+                    return str(answer["digest"])
+                except NotFoundError:
+                    pass        # not this owner's (or no longer an output): copy the bytes
+            return str(self.cell.upload(ref.chunks(), owner=self.owner)["digest"])
         return {name: await self._call(stage, ref) for name, ref in files.items()}
 
     async def submit(self, request: ExecutionRequest, *, fresh: bool) -> tuple[str, bool]:

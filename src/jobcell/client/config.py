@@ -143,11 +143,38 @@ class Provisioning:
     timeout: timedelta | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The set values: ``vcpu``, ``memory_mb``, ``gpu``, ``timeout_s``."""
+        """The set values: ``vcpu``, ``memory_mb``, ``gpu``, ``timeout_s`` (checked: a
+        :class:`ValueError` names the setting a backend would refuse)."""
         values = {"vcpu": self.hardware.vcpu, "memory_mb": self.hardware.memory,
                   "gpu": self.hardware.gpu,
                   "timeout_s": None if self.timeout is None else self.timeout.total_seconds()}
+        for name, value in values.items():
+            if value is not None:
+                check_provisioning(name, value)
         return {k: v for k, v in values.items() if v is not None}
+
+
+# Limits of a step's resources (jobcell.model.runner.ProfileResources).
+MAX_TIMEOUT_S = 366 * 86400
+_LIMITS: dict[str, tuple[str, float, float, bool]] = {
+    # name: (setting, smallest, largest, whole number)
+    "vcpu": ("provisioning.hardware.vcpu", 1e-9, 1_000_000, False),
+    "memory_mb": ("provisioning.hardware.memory (MiB)", 1, 2**40, True),
+    "gpu": ("provisioning.hardware.gpu", 0, 1024, True),
+    "timeout_s": ("provisioning.timeout (seconds)", 1e-9, MAX_TIMEOUT_S, False),
+}
+
+
+def check_provisioning(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a valid provisioning ``name``."""
+    setting, low, high, whole = _LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or (whole and value != int(value)):
+        raise ValueError(f"{setting} must be a {'whole ' if whole else ''}number, got "
+                         f"{value!r}")
+    if not low <= value <= high:
+        lowest = "more than 0" if low < 1e-6 else f"at least {low:g}"
+        raise ValueError(f"{setting} must be {lowest} and at most {high:g}, got {value!r}")
 
 
 @dataclass
@@ -217,11 +244,16 @@ def _positive(name: str, value: Any, kind: type = float) -> Any:
 
 
 def _apply(config: TaskConfig, shortcuts: dict[str, Any]) -> None:
-    hardware, provisioning = config.provisioning.hardware, config.provisioning
     for first, second in (("memory_mb", "memory_gb"), ("timeout", "timeout_minutes"),
                           ("timeout", "timeout_hours"), ("timeout_minutes", "timeout_hours")):
         if first in shortcuts and second in shortcuts:
             raise ValueError(f"scoped_config: give {first} or {second}, not both")
+    _apply_shortcuts(config, shortcuts)
+    config.provisioning.to_dict()      # refuse values a backend would refuse, here
+
+
+def _apply_shortcuts(config: TaskConfig, shortcuts: dict[str, Any]) -> None:
+    hardware, provisioning = config.provisioning.hardware, config.provisioning
     for name, value in shortcuts.items():
         if name == "vcpu":
             hardware.vcpu = _positive(name, value)

@@ -126,6 +126,16 @@ async def _closer(client: httpx.AsyncClient) -> AsyncIterator[None]:
         await client.aclose()
 
 
+def _ssl_context(cafile: str) -> ssl.SSLContext:
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"RestBackend(verify={cafile!r}): cannot load the CA bundle: "
+                          f"{exc}") from None
+
+
 def _detail(response: httpx.Response) -> str:
     """The problem document's ``detail``, else the start of the body."""
     try:
@@ -192,7 +202,9 @@ class RestBackend:
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
         self._transport = _shared(transport) if transport is not None else None
-        self._verify = verify
+        # A CA bundle path becomes an SSL context (httpx deprecates verify=<path>).
+        self._verify: bool | ssl.SSLContext = _ssl_context(verify) \
+            if isinstance(verify, str) else verify
         self._user: str | None = None
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = \
             weakref.WeakKeyDictionary()
@@ -396,7 +408,8 @@ class RestBackend:
             files = {o["name"]: FileRef(name=o["name"], url=o["href"],
                                         execution_id=execution_id, step=o["step"],
                                         digest=o["blake3"], size=o["size"],
-                                        expires_at=o.get("expires_at"))
+                                        expires_at=o.get("expires_at"),
+                                        verify=self._verify)
                      for o in answer.get("outputs", []) if o["step"] == TASK_STEP}
             return ExecutionResult(execution_id, "succeeded", answer["result"], files=files)
         status = self._found(await self._request("GET", job, what=what, forever=True), what)

@@ -17,7 +17,9 @@ import os
 import sys
 import types
 import typing
+import weakref
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
@@ -31,7 +33,7 @@ from jobcell.client.cache import (
 )
 from jobcell.client.config import CacheMode, TaskConfig, current_config
 from jobcell.errors import JobcellError
-from jobcell.fileref import FileRef, decode_value, is_file_annotation
+from jobcell.fileref import FileRef, decode_value, file_kind, is_file_annotation, staged_name
 
 R = TypeVar("R")
 logger = logging.getLogger("jobcell.client")
@@ -108,9 +110,9 @@ def params_from_signature(function: Callable[..., Any]) -> dict[str, dict[str, A
         if param.name not in hints:
             raise TaskDefinitionError(f"{where}: needs a type annotation")
         hint = hints[param.name]
-        if typing.get_origin(hint) is list and typing.get_args(hint) and \
-                is_file_annotation(typing.get_args(hint)[0]):
-            kind, optional = "array", False
+        files = file_kind(hint)
+        if files is not None and files[0] == "list":
+            kind, optional = "array", type(None) in typing.get_args(hint)
         else:
             kind, optional = _param_type(hint, where)
         spec: dict[str, Any] = {"type": kind}
@@ -224,13 +226,8 @@ class DecoratedTask(TaskFunction[R]):
 
     def _file_params(self) -> set[str]:
         hints = typing.get_type_hints(self.function)
-        names = set()
-        for name, hint in hints.items():
-            args = typing.get_args(hint)
-            if is_file_annotation(hint) or (typing.get_origin(hint) is list and args
-                                            and is_file_annotation(args[0])):
-                names.add(name)
-        return names
+        return {name for name, hint in hints.items()
+                if name != "return" and file_kind(hint) is not None}
 
 
 def task(function: Callable[..., R] | None = None, *, version: str = "0",
@@ -304,7 +301,7 @@ def extract_files(params: dict[str, Any],
         ref = _as_ref(value) or (FileRef.local(value) if wanted and isinstance(value, str)
                                  else None)
         if ref is not None:
-            out[key] = f"{key}/{ref.basename}"
+            out[key] = staged_name(key, ref.basename)
             files[out[key]] = ref
         elif isinstance(value, list) and value and (wanted or all(
                 _as_ref(v) is not None for v in value)):
@@ -314,7 +311,7 @@ def extract_files(params: dict[str, Any],
                                              else None)
                 if item_ref is None:
                     raise TypeError(f"param {key!r}: item {i} is not a file: {item!r}")
-                names.append(f"{key}/{i}/{item_ref.basename}")
+                names.append(staged_name(key, item_ref.basename, i))
                 files[names[-1]] = item_ref
             out[key] = names
     return out, files
@@ -372,6 +369,12 @@ async def execute(definition: TaskDefinition, label: str, params: dict[str, Any]
         if status is None:
             decision = "miss"   # the backend no longer has it: the cache is only an index
         else:
+            # The state the backend reports now may make the entry unusable: a detached
+            # execution that failed since is restarted in RESTART_FAILED.
+            if decide(mode, replace(entry, state=entry_state(status.state))) == "ignore":
+                decision = "ignore"
+        if decision in ("use", "reattach"):
+            assert entry is not None and status is not None
             request.execution_id, request.state = entry.execution_id, status.state
             request.progress = dict(status.progress)
             if decision == "use":
@@ -383,16 +386,35 @@ async def execute(definition: TaskDefinition, label: str, params: dict[str, Any]
     if decision != "off":
         config.fire("cache_ignored" if decision == "ignore" else "cache_miss", request)
     if config.throttling.disable_submissions:
+        why = (f"its cache entry is not used in cache mode {mode.name}" if decision == "ignore"
+               else "it is in no cache")
         raise SubmissionsDisabled(
-            f"task {definition.name!r} (cache key {request.cache_key}) is in no cache and "
+            f"task {definition.name!r} (cache key {request.cache_key}): {why}, and "
             "submissions are disabled (throttling.disable_submissions)")
     await backend.ensure_task(definition)
     fresh = mode in (CacheMode.REATTACH_ONLY, CacheMode.WRITE_ONLY, CacheMode.DISABLED)
-    request.execution_id, reused = await backend.submit(request, fresh=fresh)
+    submit = asyncio.ensure_future(backend.submit(request, fresh=fresh))
+    try:
+        request.execution_id, reused = await asyncio.shield(submit)
+    except asyncio.CancelledError as interrupt:
+        # The submit goes on (a thread, a request in flight): wait for its answer, so the
+        # execution is recorded (a re-run re-attaches) and can be cancelled if asked.
+        try:
+            request.execution_id, reused = await submit
+        except Exception:
+            raise interrupt from None
+        _submitted(config, storage, backend, request, reused)
+        await _interrupted(backend, config, request, interrupt)
+        raise
+    _submitted(config, storage, backend, request, reused)
+    return await _observe(definition, backend, config, storage, request)
+
+
+def _submitted(config: TaskConfig, storage: CacheStorage | None, backend: Backend,
+               request: ExecutionRequest, reused: bool) -> None:
     request.state = "queued"
     config.fire("reattached" if reused else "submitted", request)
     _write(config, storage, backend, request)
-    return await _observe(definition, backend, config, storage, request)
 
 
 def _write(config: TaskConfig, storage: CacheStorage | None, backend: Backend,
@@ -466,14 +488,14 @@ def _outcome(definition: TaskDefinition, request: ExecutionRequest,
     return value
 
 
-_interrupt_answers: dict[int, bool] = {}
+_interrupt_answers: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _ask_cancel(request: ExecutionRequest) -> bool:
     """Ask once per event loop whether interrupted executions should be cancelled."""
     import asyncio
 
-    loop = id(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
     if loop not in _interrupt_answers:
         try:
             answer = input(f"\nInterrupted while awaiting task {request.task_name!r} "
@@ -482,9 +504,38 @@ def _ask_cancel(request: ExecutionRequest) -> bool:
                            "re-attaches. [y/N] ")
         except (EOFError, KeyboardInterrupt):
             answer = ""
-        _interrupt_answers.clear()
         _interrupt_answers[loop] = answer.strip().lower() in ("y", "yes")
     return _interrupt_answers[loop]
+
+
+def _sigint_received(exc: BaseException) -> bool:
+    """Whether the wait ended because of Ctrl-C: a KeyboardInterrupt, or a cancellation
+    by ``asyncio.run``'s SIGINT handler (not a timeout or a sibling task failing)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    runner = getattr(getattr(handler, "func", None), "__self__", None)
+    return bool(getattr(runner, "_interrupt_count", 0))
+
+
+async def _interrupted(backend: Backend, config: TaskConfig, request: ExecutionRequest,
+                       exc: BaseException) -> None:
+    """Waiting ended early: the execution goes on (its pending cache entry lets a re-run
+    re-attach), unless this was Ctrl-C and the user wants it cancelled."""
+    import asyncio
+
+    config.fire("interrupt_waiting", request)
+    if request.execution_id is None or not _sigint_received(exc) or \
+            not _cancel_wanted(config, request):
+        return
+    try:
+        await asyncio.shield(backend.cancel(request.execution_id))
+        logger.warning("cancelled execution %s of task %s", request.execution_id,
+                       request.task_name)
+    except Exception as error:
+        logger.warning("could not cancel execution %s: %s", request.execution_id, error)
 
 
 def _cancel_wanted(config: TaskConfig, request: ExecutionRequest) -> bool:
@@ -517,17 +568,8 @@ async def _observe(definition: TaskDefinition, backend: Backend, config: TaskCon
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, backend.max_poll_interval_s)
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        # Detach: the execution goes on; its pending cache entry lets a re-run re-attach.
-        # Unless the user says to cancel it (asked when interactive).
-        config.fire("interrupt_waiting", request)
-        if _cancel_wanted(config, request):
-            try:
-                await asyncio.shield(backend.cancel(execution_id))
-                logger.warning("cancelled execution %s of task %s", execution_id,
-                               request.task_name)
-            except Exception as exc:
-                logger.warning("could not cancel execution %s: %s", execution_id, exc)
+    except (asyncio.CancelledError, KeyboardInterrupt) as interrupt:
+        await _interrupted(backend, config, request, interrupt)
         raise
     result = await backend.result(execution_id)
     request.state = result.state
