@@ -15,6 +15,11 @@ of each (server process, load client) are printed beside the latencies, so a run
 small machine shows where its cores went. Target (issue 5): p99 < 50 ms.
 
     .venv/bin/python benchmarks/bench_http.py [--jobs 100000] [--requests 4000] [--clients 16]
+        [--load-client raw] [--server-workers 2] [--reuse DIR]
+
+``--reuse DIR`` keeps the populated cell in DIR (with the job ids and tokens in
+``DIR/bench.json``) and uses it again on the next run with the same ``--jobs``, so repeated
+runs skip populating. ``--server-workers N`` runs ``jobcell serve --workers N``.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import contextlib
 import dataclasses
 import json
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -93,10 +99,13 @@ def cli_command() -> list[str]:
     return [sys.executable, "-c", "from jobcell.cli import main; main()"]
 
 
-def start_server(home: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(home: Path, log: Path,
+                 workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
     """``jobcell serve --no-worker`` on a free loopback port; answers the process and URL."""
     argv = [*cli_command(), "serve", "--home", str(home), "--port", "0", "--no-worker",
             "--log-level", "warning", "--json"]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
     with log.open("wb") as err:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=err)
@@ -109,9 +118,53 @@ def start_server(home: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def _cpu_s(process: psutil.Process) -> float:
-    """User + system CPU seconds of ``process`` so far."""
-    times = process.cpu_times()
-    return float(times.user + times.system)
+    """User + system CPU seconds of ``process`` and its live children so far (the worker
+    processes of ``--workers N``; they live as long as the server)."""
+    total = 0.0
+    for one in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = one.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+@contextlib.contextmanager
+def bench_cell(args: argparse.Namespace) -> Iterator[tuple[Path, dict[str, list[str]],
+                                                           dict[str, str], int, float | None]]:
+    """The populated cell: home, each user's job ids, tokens, job count, populate seconds
+    (None when reused).
+
+    Fresh in a temporary directory, or kept in (and taken again from) ``--reuse DIR``.
+    """
+    if args.reuse:
+        root = Path(args.reuse)
+        saved = root / "bench.json"
+        home = root / "home"
+        if saved.exists():
+            data = json.loads(saved.read_text())
+            if data["jobs"] == args.jobs:
+                print(f"reusing the cell in {root} ({data['jobs']} jobs)")
+                yield home, data["ids"], data["tokens"], data["jobs"], None
+                return
+            saved.unlink()                  # another --jobs: populate again
+        shutil.rmtree(home, ignore_errors=True)     # (or what an interrupted run left)
+        root.mkdir(parents=True, exist_ok=True)
+        home, ids, tokens, stored, populate_s = _fill(home, args.jobs)
+        saved.write_text(json.dumps({"jobs": stored, "ids": ids, "tokens": tokens}))
+        yield home, ids, tokens, stored, populate_s
+        return
+    with temp_home(base=args.base) as home:
+        yield _fill(home, args.jobs)
+
+
+def _fill(home: Path, count: int) -> tuple[Path, dict[str, list[str]], dict[str, str], int,
+                                           float]:
+    with Cell(home, auto_worker=False) as cell:
+        cell.register_runner(dict(NOOP_RUNNER))
+        ids, populate_s = populate(cell, count)
+        tokens = {user: cell.add_user(user)["token"] for user in USERS}
+        stored = cell.store.count_jobs()
+    return home, ids, tokens, stored, populate_s
 
 
 # A request: the path with its query, and the headers.
@@ -239,20 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-client", nargs="+", choices=sorted(CLIENTS),
                         default=["httpx", "raw"], help="which load generators to run")
     parser.add_argument("--base", help="directory for the temporary cell home")
+    parser.add_argument("--reuse", metavar="DIR",
+                        help="keep the populated cell in DIR and reuse it on later runs")
+    parser.add_argument("--server-workers", type=int, default=1, metavar="N",
+                        help="server worker processes (jobcell serve --workers N)")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
     clean_env()
     print(f"machine: {machine()}")
     measures: dict[str, dict[str, Any]] = {}
-    with temp_home(base=args.base) as home:
-        with Cell(home, auto_worker=False) as cell:
-            cell.register_runner(dict(NOOP_RUNNER))
-            ids, populate_s = populate(cell, args.jobs)
-            tokens = {user: cell.add_user(user)["token"] for user in USERS}
-            stored = cell.store.count_jobs()
-        print(f"populated {stored} jobs in {populate_s:.1f} s on {filesystem(home)}; "
+    with bench_cell(args) as (home, ids, tokens, stored, populate_s):
+        filled = "reused" if populate_s is None else f"populated in {populate_s:.1f} s"
+        print(f"{stored} jobs ({filled}) on {filesystem(home)}; "
               f"db {home.joinpath('state.db').stat().st_size / 1e6:.0f} MB", flush=True)
-        process, url = start_server(home, home.parent / "serve.log")
+        process, url = start_server(home, home.parent / "serve.log", args.server_workers)
         try:
             auth = {user: {"Authorization": f"Bearer {tokens[user]}"} for user in USERS}
 
@@ -266,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                 return f"/api/v1/jobs?{query}", auth[user]
 
             check_answers(url, ids, auth)
-            print(f"{args.clients} concurrent clients, {args.warmup} warm-up + "
+            print(f"server: {args.server_workers} process(es); "
+                  f"{args.clients} concurrent clients, {args.warmup} warm-up + "
                   f"{args.requests} measured requests per endpoint against {url}; CPU ms per "
                   "request of the server process and of the load client")
             print(f"  {'endpoint':<36} {'client':<6} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} "
@@ -301,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p50_ms": m["p50_ms"], "requests_per_s": m["requests_per_s"]}
                for m in measures.values()]
     emit({"benchmark": "http", "machine": machine(), "jobs": stored, "clients": args.clients,
+          "server_workers": args.server_workers,
           "measures": measures, "populate_s": populate_s, "targets": targets}, args.json_out)
     print(json.dumps({"benchmark": "http", "jobs": stored, "clients": args.clients,
                       "measures": {name: {k: round(v, 2) if isinstance(v, float) else v

@@ -24,6 +24,7 @@ from jobcell.cli import _out, common, open_cell, print_error, print_json
 from jobcell.errors import JobcellError, SpecError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+WORKER_START_TIMEOUT_S = 120.0      # for each process of serve --workers N to serve
 UPLOAD_CHUNK = 1024 * 1024
 
 
@@ -150,6 +151,8 @@ def _announce(info: dict[str, Any], as_json: bool) -> None:
     else:
         worker = ("no worker (--no-worker)" if info["worker_pid"] is None
                   else f"worker pid {info['worker_pid']}")
+        if info.get("workers", 1) > 1:
+            worker = f"{info['workers']} server processes; {worker}"
         sys.stdout.write(
             f"jobcell: serving the cell {info['home']} on {info['url']} (REST API "
             f"{info['url']}/api/v1, OGC API - Processes {info['url']}/, dashboard "
@@ -178,9 +181,12 @@ def _announce(info: dict[str, Any], as_json: bool) -> None:
                    "when the proxy strips it.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
               help="Server log level (info logs each request; warning does not).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server processes sharing the port (one Python process runs on one core "
+                   "at a time); they share the cell and its one job worker.")
 @common
 def serve(host: str, port: int, no_worker: bool, proxy_headers: bool,
-          forwarded_allow_ips: str | None, root_path: str, log_level: str,
+          forwarded_allow_ips: str | None, root_path: str, log_level: str, workers: int,
           home: Path | None, as_json: bool) -> None:
     """Serve the cell over HTTP: REST API, OGC API - Processes and the dashboard.
 
@@ -197,7 +203,8 @@ def serve(host: str, port: int, no_worker: bool, proxy_headers: bool,
         try:
             _serve(cell, sock, host, no_worker=no_worker, proxy_headers=proxy_headers,
                    forwarded_allow_ips=forwarded_allow_ips or "127.0.0.1",
-                   root_path=root_path, log_level=log_level, as_json=as_json)
+                   root_path=root_path, log_level=log_level, as_json=as_json,
+                   workers=workers)
         except (KeyboardInterrupt, _Stopped):
             pass  # uvicorn has shut down; this is the signal it raised again afterwards
         finally:
@@ -208,7 +215,7 @@ def serve(host: str, port: int, no_worker: bool, proxy_headers: bool,
 
 def _serve(cell: Any, sock: socket.socket, host: str, *, no_worker: bool,
            proxy_headers: bool, forwarded_allow_ips: str, root_path: str, log_level: str,
-           as_json: bool) -> None:
+           as_json: bool, workers: int = 1) -> None:
     import uvicorn
 
     from jobcell.server.app import create_app
@@ -219,14 +226,19 @@ def _serve(cell: Any, sock: socket.socket, host: str, *, no_worker: bool,
                     "reverse proxy in front (see the README, production deployment) and keep "
                     "jobcell on 127.0.0.1.")
     worker_pid = None if no_worker else cell.ensure_worker()["pid"]
-    app = create_app(cell=cell, start_worker=False)
-    config = uvicorn.Config(app, proxy_headers=proxy_headers,
-                            forwarded_allow_ips=forwarded_allow_ips, root_path=root_path,
-                            log_level=log_level, log_config=_log_config(), lifespan="on",
-                            server_header=False, timeout_graceful_shutdown=10)
+    options: dict[str, Any] = {
+        "proxy_headers": proxy_headers, "forwarded_allow_ips": forwarded_allow_ips,
+        "root_path": root_path, "log_level": log_level, "log_config": _log_config(),
+        "lifespan": "on", "server_header": False, "timeout_graceful_shutdown": 10}
     port = int(sock.getsockname()[1])
     info = {"url": _url(host, port), "host": host, "port": port, "root_path": root_path,
-            "home": str(cell.home.root), "worker_pid": worker_pid}
+            "home": str(cell.home.root), "worker_pid": worker_pid, "workers": workers}
+    if workers > 1:
+        _serve_processes(cell, sock, workers, no_worker=no_worker, options=options,
+                         on_ready=lambda: _announce(info, as_json))
+        return
+    app = create_app(cell=cell, start_worker=False)
+    config = uvicorn.Config(app, **options)
     server = _make_server(config, lambda: _announce(info, as_json))
     try:
         server.run(sockets=[sock])
@@ -235,6 +247,52 @@ def _serve(cell: Any, sock: socket.socket, host: str, *, no_worker: bool,
             raise ServeError("the server did not start (see the log above)") from None
         raise
     if not server.started:
+        raise ServeError("the server did not start (see the log above)")
+
+
+def _serve_processes(cell: Any, sock: socket.socket, workers: int, *, no_worker: bool,
+                     options: dict[str, Any], on_ready: Callable[[], None]) -> None:
+    """``--workers N``: N uvicorn processes accept on the one socket bound here.
+
+    Each process builds its own app and cell with :func:`create_app_from_env` (uvicorn
+    starts them with ``spawn``, so they learn the cell from the environment). This process
+    only supervises: it announces the server once every process serves, restarts one that
+    dies, and on SIGINT/SIGTERM stops them all. The job worker was started (or joined)
+    above; the processes never start another, except as a submit's auto-start, which
+    the cell's worker-start lock keeps to one.
+    """
+    import os
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import SIGNALS
+
+    from jobcell.server.app import SERVE_AUTO_WORKER_ENV, SERVE_HOME_ENV
+
+    os.environ[SERVE_HOME_ENV] = str(cell.home.root)
+    os.environ[SERVE_AUTO_WORKER_ENV] = "0" if no_worker else "1"
+    config = uvicorn.Config("jobcell.server.app:create_app_from_env", factory=True,
+                            workers=workers, **options)
+    failed: list[bool] = []
+
+    class Supervisor(Multiprocess):
+        def init_processes(self) -> None:
+            super().init_processes()
+            for process in self.processes:
+                if not process.wait_until_ready(WORKER_START_TIMEOUT_S, self.should_exit):
+                    if not self.should_exit.is_set():
+                        failed.append(True)
+                        self.should_exit.set()
+                    return
+            on_ready()
+
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}   # the supervisor takes them
+    try:
+        Supervisor(config, sockets=[sock]).run()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if failed:
         raise ServeError("the server did not start (see the log above)")
 
 

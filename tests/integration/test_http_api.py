@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,38 @@ def test_list_filters_and_pages(api: Api) -> None:
     assert {j["job_id"] for j in queued["jobs"]} == set(b_ids)
     none = api.client.get("/api/v1/jobs", params={"state": "succeeded"}, headers=alice)
     assert none.json()["jobs"] == []
+
+
+def test_list_answers_what_the_response_model_would(
+        make_api: Callable[..., Api]) -> None:
+    """The list routes write their JSON themselves (no response-model validation): the
+    bytes are what FastAPI would have written through ``JobPage``, and each summary says
+    what the job's status says."""
+    from jobcell.server.api_models import JobPage
+
+    admin_key = "list-admin-key"
+    api = make_api(admin_key=admin_key)
+    api.register("stamp", STAMP, params=STAMP_PARAMS)
+    alice = api.user("alice")
+    ids = [submit(api, alice, stamp_job(f"n{i}", label="models", tags=["ü", f"t{i}"]))
+           for i in range(3)]
+    api.run_worker()
+    for path, headers in (("/api/v1/jobs", alice),
+                          ("/api/v1/admin/jobs", {**alice, "X-Admin-Key": admin_key})):
+        for params in ({"label": "models"}, {"label": "models", "limit": 2},
+                       {"label": "models", "limit": 2, "offset": 2}, {"label": "none"}):
+            answer = api.client.get(path, params=params, headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["content-type"] == "application/json"
+            page = answer.json()
+            assert answer.content == JobPage.model_validate(page).model_dump_json().encode()
+            assert int(answer.headers["content-length"]) == len(answer.content)
+    page = api.client.get("/api/v1/jobs", params={"label": "models"}, headers=alice).json()
+    assert [j["job_id"] for j in page["jobs"]] == list(reversed(ids))
+    for summary in page["jobs"]:
+        status = api.client.get(f"/api/v1/jobs/{summary['job_id']}", headers=alice).json()
+        assert summary == {key: status[key] for key in summary}
+        assert summary["state"] == "succeeded" and summary["finished_at"].endswith("Z")
 
 
 def test_cancel_a_job(api: Api) -> None:
@@ -308,3 +340,33 @@ def test_cooldown_reasons_name_only_the_users_own_jobs(api: Api) -> None:
     assert job not in his.text
     assert "<another owner's job>" in his.json()["cooldowns"][0]["reason"]
     assert his.json()["cooldowns"][0]["group"] == "oom"
+
+
+def test_timestamps_are_datetime_isoformat() -> None:
+    """The API's timestamps (``service.iso``, table-driven for speed) are exactly
+    ``datetime.isoformat(timespec="milliseconds")`` in UTC with ``Z``: microseconds
+    rounded half to even then truncated, clamped to years 1970..9999."""
+    import random
+    import struct
+    from datetime import UTC, datetime
+
+    from jobcell.service import iso
+
+    def reference(t: float) -> str:
+        t = min(max(t, 0.0), 253402300799.0)
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace(
+            "+00:00", "Z")
+
+    rng = random.Random(11)
+    values = [0.0, -1.5, 1e300, float("inf"), float("-inf"), 253402300799.0,
+              253402300798.9999996, 0.0005, 0.9999995, 0.9999994999, 1.0000005,
+              86399.9999996, 951782400.0, 1_763_712_345.9009995]
+    values += [rng.uniform(0, 4e9) for _ in range(20_000)]
+    values += [int(rng.uniform(0, 4e9)) + rng.randrange(2_000_001) / 2e6    # half-micro ties
+               for _ in range(20_000)]
+    values += [struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0]
+               for _ in range(20_000)]
+    for value in values:
+        if value == value:    # NaN has no time
+            assert iso(value) == reference(value), repr(value)
+    assert iso(None) is None

@@ -173,6 +173,96 @@ def test_list_jobs_filters_newest_first_and_pages(store: Store) -> None:
     assert ids(limit=2, offset=4) == []
 
 
+def test_list_job_summaries_match_list_jobs(store: Store) -> None:
+    """The summary list answers the same jobs in the same order as list_jobs, with the
+    fields a list shows (exact timestamps, the state as its string), and no spec."""
+    created = 1_763_712_345.9009995   # not a short decimal: the exact float must survive
+    insert(store,
+           make_job("a", label="x", owner="alice", tags=["t1", "é"], created_at=1.0),
+           make_job("b", label="x", owner="bob", tags=["t1", "t2"], created_at=2.0,
+                    state=JobState.RUNNING, priority=5),
+           make_job("c", label="y", owner="alice", created_at=created,
+                    state=JobState.SUCCEEDED),
+           make_job("d", label="x", owner="alice", created_at=created,
+                    state=JobState.FAILED))
+    store.apply(Changes(jobs=[JobUpdate("d", {"finished_at": created + 0.25,
+                                              "error": 'step "s0" failed:\nexit 3'})]))
+    filters: list[dict[str, Any]] = [
+        {}, {"label": "x"}, {"state": JobState.RUNNING}, {"tag": "t1"}, {"tag": "t"},
+        {"owner": "alice"}, {"label": "x", "owner": "alice", "tag": "t1"}, {"limit": 2},
+        {"limit": 2, "offset": 2}, {"limit": 2, "offset": 4}, {"owner": "nobody"}]
+    for kw in filters:
+        full = store.list_jobs(**kw)
+        brief = store.list_job_summaries(**kw)
+        assert [s.job_id for s in brief] == [j.job_id for j in full], kw
+        for summary, job in zip(brief, full, strict=True):
+            assert summary == (job.job_id, job.label, job.owner, job.tags, job.priority,
+                               str(job.state), job.created_at, job.finished_at, job.error)
+    d = store.list_job_summaries(label="x", owner="alice", limit=1)[0]
+    assert (d.job_id, d.state, d.created_at, d.finished_at) == (
+        "d", "failed", created, created + 0.25)
+    assert type(d.state) is str and d.error == 'step "s0" failed:\nexit 3'
+    a = store.list_job_summaries(tag="é")[0]
+    assert (a.job_id, a.tags, a.priority, a.finished_at, a.error) == (
+        "a", ["t1", "é"], 0, None, None)
+    assert not hasattr(a, "spec")
+
+
+def _times_and_texts() -> list[tuple[float, float | None, str | None]]:
+    """(created_at, finished_at, error) of jobs whose summaries must round-trip exactly:
+    random times of today's magnitude, and odd ones (0, tiny, negative, huge)."""
+    import random
+
+    rng = random.Random(7)
+    texts = [None, "nul \x00 and bell \x07", 'emoji 😀 \\ / "q" \u2028\n\t', "é" * 300]
+    rows: list[tuple[float, float | None, str | None]] = [
+        (rng.uniform(1.6e9, 2.0e9), rng.uniform(1.6e9, 2.0e9), texts[i % len(texts)])
+        for i in range(150)]
+    rows += [(0.0, None, "nul \x00 and bell \x07"), (1e-5, 0.5, "tiny"),
+             (-12.25, 1.0000000000000002, "negative"), (2.0**60 + 4096, None, "huge"),
+             (0.0009765625, 1e15 + 0.125, 'emoji 😀 \\ / "q" \u2028')]
+    return rows
+
+
+def test_list_job_summaries_times_and_texts_are_exact(store: Store) -> None:
+    """Timestamps come back as the very floats stored, texts as the very strings, also
+    when a page holds times far from today's."""
+    rows = _times_and_texts()
+    jobs = []
+    for i, (created, _finished, _error) in enumerate(rows):
+        jobs.append(make_job(f"j{i:03d}", label="odd" if i >= 150 else "now",
+                             tags=[f"t{i}", "ü"], created_at=created))
+    insert(store, *jobs)
+    store.apply(Changes(jobs=[JobUpdate(f"j{i:03d}", {"finished_at": finished, "error": error})
+                              for i, (_c, finished, error) in enumerate(rows)]))
+    for label in ("now", "odd", None):
+        full = store.list_jobs(label=label, limit=1000)
+        brief = store.list_job_summaries(label=label, limit=1000)
+        assert len(brief) == len(full) > 0
+        for summary, job in zip(brief, full, strict=True):
+            assert summary == (job.job_id, job.label, job.owner, job.tags, job.priority,
+                               str(job.state), job.created_at, job.finished_at, job.error)
+    odd = {s.job_id: s for s in store.list_job_summaries(label="odd")}
+    for i, (created, finished, error) in enumerate(rows[150:], start=150):
+        got = odd[f"j{i:03d}"]
+        assert (got.created_at, got.finished_at, got.error) == (created, finished, error)
+
+
+def test_sqlite_summaries_without_json_functions(tmp_path: Path) -> None:
+    """An SQLite without its JSON functions reads the summaries row by row: the same."""
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        rows = _times_and_texts()
+        insert(store, *(make_job(f"j{i:03d}", created_at=c, tags=["x"])
+                        for i, (c, _f, _e) in enumerate(rows)))
+        fast = store.list_job_summaries(limit=1000)
+        store._json_pages = False
+        assert store.list_job_summaries(limit=1000) == fast
+        assert [s.job_id for s in fast] == [j.job_id for j in store.list_jobs(limit=1000)]
+    finally:
+        store.close()
+
+
 def test_count_jobs_by_states_owner_and_tag_glob(store: Store) -> None:
     insert(store,
            make_job("a", owner="alice", tags=["proj-1", "x"]),

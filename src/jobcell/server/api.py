@@ -9,6 +9,7 @@ server paths. Admin routes (``/api/v1/admin/...``) also need the ``X-Admin-Key``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from typing import Annotated, Any
@@ -24,7 +25,7 @@ from jobcell.errors import NotFoundError
 from jobcell.model.params import params_json_schema
 from jobcell.model.spec import MAX_SPEC_BYTES, JobSpec
 from jobcell.server import api_models as m
-from jobcell.server.deps import Admin, CellDep, User, output_links
+from jobcell.server.deps import Admin, CellDep, User, get_cell, output_links
 from jobcell.server.problems import ProblemError, problem_responses
 from jobcell.service import Cell
 from jobcell.uploads import UploadTooLargeError, too_large
@@ -36,6 +37,9 @@ UPLOAD_BATCH = 1024 * 1024      # bytes handed to the writer thread at a time
 UPLOAD_IDLE_S = 60.0            # an upload that sends nothing this long is dropped
 # Upload disk writes use threads of their own, never the pool the sync routes share.
 UPLOAD_LIMITER = anyio.CapacityLimiter(4)
+# Job lists read the database in a few threads of their own: under many concurrent lists,
+# fewer threads stepping SQLite contend less for the GIL (measured: benchmarks/README.md).
+LIST_LIMITER = anyio.CapacityLimiter(4)
 CANCEL_WAIT_S = 0.5             # how long DELETE waits for the cancel to take effect
 MAX_OFFSET = 2**53              # keeps offsets and sequence numbers within SQLite's range
 JOB_ID_PATTERN = re.compile(r"\b[0-9a-f]{11,16}-[0-9a-f]{12}\b")   # see new_job_id
@@ -161,22 +165,47 @@ def submit_job(response: Response, user: User, cell: CellDep,
     return result.to_dict()
 
 
+# What JSONResponse writes (compact, UTF-8 unescaped, no NaN).
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _page(cell: Cell, *, owner: str | None, label: str | None, state: str | None,
-          tag: str | None, limit: int, offset: int) -> dict[str, Any]:
+          tag: str | None, limit: int, offset: int) -> Response:
+    """A :class:`m.JobPage` as JSON, serialised here: the summaries the service builds
+    already have the model's types and key order, so FastAPI's validation of a hundred
+    jobs against the response model (which a returned Response skips) would only cost
+    time. ``response_model`` stays on the routes for the OpenAPI document."""
     rows = cell.list(label=label, state=state, tag=tag, owner=owner, limit=limit + 1,
                      offset=offset)
     more = len(rows) > limit
-    return {"jobs": rows[:limit], "limit": limit, "offset": offset,
+    page = {"jobs": rows[:limit], "limit": limit, "offset": offset,
             "next_offset": offset + limit if more else None}
+    return Response(_JSON_ENCODER.encode(page).encode("utf-8"), media_type="application/json")
+
+
+async def _cell_on_loop(request: Request) -> Cell:
+    """The cell, as :data:`CellDep` gives it, without the worker-thread round trip that
+    FastAPI makes for every plain ``def`` dependency."""
+    return get_cell(request)
+
+
+CellOnLoop = Annotated[Cell, Depends(_cell_on_loop)]
+
+
+async def _page_in_thread(cell: Cell, **query: Any) -> Response:
+    """:func:`_page` in one of the few threads of LIST_LIMITER (the list routes are async:
+    no thread of the shared pool for the route itself)."""
+    return await anyio.to_thread.run_sync(functools.partial(_page, cell, **query),
+                                          limiter=LIST_LIMITER)
 
 
 @router.get("/jobs", response_model=m.JobPage, tags=["jobs"], summary="List your jobs",
             responses=problem_responses(400, 401, 422))
-def list_jobs(user: User, cell: CellDep, label: Label = None, state: State = None,
-              tag: Tag = None, limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+async def list_jobs(user: User, cell: CellOnLoop, label: Label = None, state: State = None,
+                    tag: Tag = None, limit: Limit = 100, offset: Offset = 0) -> Response:
     """The signed-in user's jobs, newest first, filtered by label, state and tag."""
-    return _page(cell, owner=user, label=label, state=state, tag=tag, limit=limit,
-                 offset=offset)
+    return await _page_in_thread(cell, owner=user, label=label, state=state, tag=tag,
+                                 limit=limit, offset=offset)
 
 
 @router.get("/jobs/{job_id}", response_model=m.JobStatus, tags=["jobs"],
@@ -375,14 +404,14 @@ def upload_from_output(body: m.FromOutput, user: User, cell: CellDep) -> dict[st
 # -- admin
 @router.get("/admin/jobs", response_model=m.JobPage, tags=["admin"],
             summary="List every owner's jobs", responses=problem_responses(400, 401, 403, 422))
-def admin_list_jobs(admin: Admin, cell: CellDep, label: Label = None, state: State = None,
-                    tag: Tag = None,
-                    owner: Annotated[str | None, Query(max_length=64, description=(
-                        "Only jobs of this owner."))] = None,
-                    limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+async def admin_list_jobs(admin: Admin, cell: CellOnLoop, label: Label = None,
+                          state: State = None, tag: Tag = None,
+                          owner: Annotated[str | None, Query(max_length=64, description=(
+                              "Only jobs of this owner."))] = None,
+                          limit: Limit = 100, offset: Offset = 0) -> Response:
     """Jobs of all owners, newest first, filtered by label, state, tag and owner."""
-    return _page(cell, owner=owner, label=label, state=state, tag=tag, limit=limit,
-                 offset=offset)
+    return await _page_in_thread(cell, owner=owner, label=label, state=state, tag=tag,
+                                 limit=limit, offset=offset)
 
 
 @router.delete("/admin/jobs/{job_id}", response_model=m.CancelAnswer, tags=["admin"],

@@ -20,6 +20,10 @@ from jobcell.server.signing import UrlSigner, load_signing_key
 from jobcell.service import Cell
 
 STATIC_DIR = Path(__file__).parent / "static"
+# How ``jobcell serve --workers N`` tells each server process its cell (see
+# create_app_from_env): the home, and whether a submit may start the cell's worker.
+SERVE_HOME_ENV = "JOBCELL_SERVE_HOME"
+SERVE_AUTO_WORKER_ENV = "JOBCELL_SERVE_AUTO_WORKER"
 
 
 def create_app(home: str | os.PathLike[str] | CellHome | None = None, *,
@@ -64,6 +68,23 @@ def create_app(home: str | os.PathLike[str] | CellHome | None = None, *,
     app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
     _register_problem_schema(app)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of one ``jobcell serve --workers N`` process (a uvicorn app factory).
+
+    The cell's home is ``$JOBCELL_SERVE_HOME``; ``$JOBCELL_SERVE_AUTO_WORKER`` (``0`` or
+    ``1``) says whether a submit may start the cell's worker when none runs. The process
+    never starts the worker when it starts: ``serve`` did that once, before it started the
+    processes. Every process runs a callback sender; each callback is claimed in the
+    database before it is sent, so senders never send one twice.
+    """
+    home = os.environ.get(SERVE_HOME_ENV)
+    if not home:
+        raise RuntimeError(f"{SERVE_HOME_ENV} is not set (jobcell serve sets it for its "
+                           "server processes)")
+    auto_worker = os.environ.get(SERVE_AUTO_WORKER_ENV, "1") != "0"
+    return create_app(cell=Cell(home, auto_worker=auto_worker), start_worker=False)
 
 
 def _register_problem_schema(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from jobcell.model.states import JobState, StepState
 
@@ -78,6 +78,21 @@ class JobRow:
     cancel_requested: bool = False
     error: str | None = None
     steps: list[StepRow] = field(default_factory=list)
+
+
+class JobSummaryRow(NamedTuple):
+    """What a job list shows of a job: no spec, no steps, so that a page of them is cheap
+    to read (``state`` is a :class:`JobState` value as a plain string)."""
+
+    job_id: str
+    label: str
+    owner: str
+    tags: list[str]
+    priority: int
+    state: str
+    created_at: float
+    finished_at: float | None
+    error: str | None
 
 
 @dataclass
@@ -216,6 +231,11 @@ class Store(Protocol):
     def list_jobs(self, *, label: str | None = None, state: JobState | None = None,
                   tag: str | None = None, owner: str | None = None, limit: int = 100,
                   offset: int = 0) -> list[JobRow]: ...
+    def list_job_summaries(self, *, label: str | None = None, state: JobState | None = None,
+                           tag: str | None = None, owner: str | None = None, limit: int = 100,
+                           offset: int = 0) -> list[JobSummaryRow]:
+        """The jobs :meth:`list_jobs` answers, in the same order, as summaries only."""
+        ...
     def count_jobs(self, *, states: Iterable[JobState] | None = None, owner: str | None = None,
                    tag_pattern: str | None = None) -> int: ...
     def job_ids_by_tag(self, tag_pattern: str,

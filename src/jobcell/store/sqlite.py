@@ -20,6 +20,7 @@ from jobcell.store.base import (
     EventRow,
     FileHash,
     JobRow,
+    JobSummaryRow,
     LockInfo,
     LockLostError,
     NewEvent,
@@ -35,6 +36,8 @@ _STEP_FIELDS = frozenset({"state", "attempt", "failures", "exit_code", "not_befo
 _JOB_FIELDS = frozenset({"state", "updated_at", "finished_at", "error", "cancel_requested"})
 _JOB_COLUMNS = ("job_id, label, owner, tags, priority, state, spec, spec_hash, created_at, "
                 "updated_at, finished_at, cancel_requested, error")
+_SUMMARY_COLUMNS = ("job_id, label, owner, tags, priority, state, created_at, finished_at, "
+                    "error")
 _STEP_COLUMNS = ("job_id, step_id, idx, runner, runner_hash, runner_def, params, inputs, "
                  "input_layout, cache, cpu_slots, memory_mb, timeout_s, retries, state, attempt, "
                  "failures, exit_code, not_before, started_at, finished_at, pid, error, priority, "
@@ -46,6 +49,27 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+# A timestamp as two exact JSON integers (see SQLiteStore._summaries_as_json): the whole
+# seconds, and the fraction times 2**62, exact for 2**-10 <= |t| < 2**53 and for 0.
+_FRACTION_SCALE = 2**62
+
+
+def _exact_pair(column: str) -> str:
+    # Integer literals only: SQLite turns them into doubles exactly (powers of two), and
+    # the subtraction and the multiplication are exact in the range _pair_is_exact checks.
+    return (f"CAST({column} AS INTEGER), "
+            f"CAST(({column} - CAST({column} AS INTEGER)) * {_FRACTION_SCALE} AS INTEGER)")
+
+
+def _pair_is_exact(column: str) -> str:
+    return (f"({column} IS NULL OR {column} = 0 OR "
+            f"(abs({column}) * 1024 >= 1 AND abs({column}) < {2**53}))")
+
+
+def _newest_first(row: JobSummaryRow) -> tuple[float, str]:
+    return row.created_at, row.job_id
+
+
 class SQLiteStore(ServerTables):
     """The embedded default store: one SQLite file in WAL mode."""
 
@@ -55,6 +79,7 @@ class SQLiteStore(ServerTables):
         self._local = threading.local()
         self._runner_defs: dict[str, dict[str, Any]] = {}   # treat as read-only
         self._runner_texts: dict[str, str] = {}
+        self._json_pages = True     # list pages as one JSON text (see list_job_summaries)
         self._migrate()
 
     # -- connections and transactions
@@ -225,6 +250,55 @@ class SQLiteStore(ServerTables):
             f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, job_id DESC "
             "LIMIT ? OFFSET ?", (*args, limit, offset))
         return [self._job(r) for r in rows]
+
+    def list_job_summaries(self, *, label: str | None = None, state: JobState | None = None,
+                           tag: str | None = None, owner: str | None = None, limit: int = 100,
+                           offset: int = 0) -> list[JobSummaryRow]:
+        where, args = self._job_filter(label, state, tag, owner)
+        query = (f"SELECT {_SUMMARY_COLUMNS} FROM jobs {where} "
+                 "ORDER BY created_at DESC, job_id DESC LIMIT ? OFFSET ?")
+        args = [*args, limit, offset]
+        if self._json_pages:
+            try:
+                rows = self._summaries_as_json(query, args)
+            except sqlite3.OperationalError as exc:
+                if "no such function" not in str(exc):
+                    raise
+                self._json_pages = False     # an SQLite without its JSON functions
+                rows = None
+            if rows is not None:
+                return rows
+        cursor = self._conn().cursor()
+        cursor.row_factory = None
+        loads = json.loads
+        return [JobSummaryRow(r[0], r[1], r[2], loads(r[3]), r[4], r[5], r[6], r[7], r[8])
+                for r in cursor.execute(query, args).fetchall()]
+
+    def _summaries_as_json(self, query: str, args: list[Any]) -> list[JobSummaryRow] | None:
+        """The page as one JSON text that SQLite builds: one step of the statement for the
+        whole page. Stepping row by row releases and re-takes the GIL on every row, which
+        under concurrent requests costs more than the query.
+
+        JSON numbers from SQLite carry only 15 digits, so each timestamp travels as two
+        exact integers: its whole seconds and its fraction times 2**62. None when a
+        timestamp of the page cannot travel so (beyond 2**53 s or within 1/1024 s of 0,
+        never a real one); the caller reads the rows then.
+        """
+        text, inexact = self._conn().execute(
+            f"SELECT json_group_array(json_array(job_id, label, owner, json(tags), priority, "
+            f"state, {_exact_pair('created_at')}, {_exact_pair('finished_at')}, error)), "
+            f"sum(NOT ({_pair_is_exact('created_at')} AND {_pair_is_exact('finished_at')})) "
+            f"FROM ({query})", args).fetchone()
+        if inexact:
+            return None
+        scale = _FRACTION_SCALE
+        rows = [JobSummaryRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] + r[7] / scale,
+                              None if r[8] is None else r[8] + r[9] / scale, r[10])
+                for r in json.loads(text)]
+        # An aggregate's input order is SQLite's choice: keep the query's order for sure
+        # (a sorted list sorts in one pass).
+        rows.sort(key=_newest_first, reverse=True)
+        return rows
 
     def count_jobs(self, *, states: Iterable[JobState] | None = None, owner: str | None = None,
                    tag_pattern: str | None = None) -> int:
