@@ -13,6 +13,7 @@ import json
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -267,10 +268,11 @@ def _serve_processes(cell: Any, sock: socket.socket, workers: int, *, no_worker:
     from uvicorn.supervisors import Multiprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
 
-    from jobcell.server.app import SERVE_AUTO_WORKER_ENV, SERVE_HOME_ENV
+    from jobcell.server.app import SERVE_AUTO_WORKER_ENV, SERVE_HOME_ENV, SERVE_PARENT_ENV
 
     os.environ[SERVE_HOME_ENV] = str(cell.home.root)
     os.environ[SERVE_AUTO_WORKER_ENV] = "0" if no_worker else "1"
+    os.environ[SERVE_PARENT_ENV] = str(os.getpid())
     config = uvicorn.Config("jobcell.server.app:create_app_from_env", factory=True,
                             workers=workers, **options)
     failed: list[bool] = []
@@ -278,22 +280,49 @@ def _serve_processes(cell: Any, sock: socket.socket, workers: int, *, no_worker:
     class Supervisor(Multiprocess):
         def init_processes(self) -> None:
             super().init_processes()
+            deadline = time.monotonic() + WORKER_START_TIMEOUT_S
             for process in self.processes:
-                if not process.wait_until_ready(WORKER_START_TIMEOUT_S, self.should_exit):
-                    if not self.should_exit.is_set():
-                        failed.append(True)
-                        self.should_exit.set()
-                    return
+                # Wait in slices, handling signals: Ctrl-C or SIGTERM while the processes
+                # start is a clean stop, not a failed start.
+                while not process.wait_until_ready(1.0, self.should_exit):
+                    self.handle_signals()
+                    if self.should_exit.is_set():
+                        return
+                    if not process.process.is_alive() or time.monotonic() > deadline:
+                        time.sleep(0.2)           # a signal that killed it reaches us too
+                        self.handle_signals()
+                        if not self.should_exit.is_set():
+                            failed.append(True)
+                            self.should_exit.set()
+                        return
             on_ready()
 
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}   # the supervisor takes them
+    supervisor = Supervisor(config, sockets=[sock])
     try:
-        Supervisor(config, sockets=[sock]).run()
+        supervisor.run()
     finally:
+        _stop_processes(supervisor)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if failed:
         raise ServeError("the server did not start (see the log above)")
+
+
+def _stop_processes(supervisor: Any, grace_s: float = 15.0) -> None:
+    """Stop every server process (also when the supervisor itself failed): SIGTERM, then
+    SIGKILL for what is still there after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    for process in supervisor.processes:
+        with contextlib.suppress(Exception):
+            if process.process.exitcode is None:
+                process.terminate()
+    for process in supervisor.processes:
+        process.process.join(max(0.0, deadline - time.monotonic()))
+        if process.process.exitcode is None:
+            with contextlib.suppress(Exception):
+                process.process.kill()
+                process.process.join(5)
 
 
 # -- users ------------------------------------------------------------------------------

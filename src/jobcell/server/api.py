@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import re
+import weakref
 from typing import Annotated, Any
 
 import anyio
@@ -36,10 +37,24 @@ MAX_SPEC_BODY = 2 * MAX_SPEC_BYTES
 UPLOAD_BATCH = 1024 * 1024      # bytes handed to the writer thread at a time
 UPLOAD_IDLE_S = 60.0            # an upload that sends nothing this long is dropped
 # Upload disk writes use threads of their own, never the pool the sync routes share.
-UPLOAD_LIMITER = anyio.CapacityLimiter(4)
+UPLOAD_THREADS = "uploads", 4
 # Job lists read the database in a few threads of their own: under many concurrent lists,
 # fewer threads stepping SQLite contend less for the GIL (measured: benchmarks/README.md).
-LIST_LIMITER = anyio.CapacityLimiter(4)
+LIST_THREADS = "lists", 4
+_LIMITERS: weakref.WeakKeyDictionary[Any, dict[str, anyio.CapacityLimiter]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _limiter(kind: tuple[str, int]) -> anyio.CapacityLimiter:
+    """The event loop's own limiter of ``kind`` (a limiter wakes waiters on the loop it
+    was first used on: one per loop, e.g. for apps served on several loops)."""
+    import asyncio
+
+    limiters = _LIMITERS.setdefault(asyncio.get_running_loop(), {})
+    name, threads = kind
+    if name not in limiters:
+        limiters[name] = anyio.CapacityLimiter(threads)
+    return limiters[name]
 CANCEL_WAIT_S = 0.5             # how long DELETE waits for the cancel to take effect
 MAX_OFFSET = 2**53              # keeps offsets and sequence numbers within SQLite's range
 JOB_ID_PATTERN = re.compile(r"\b[0-9a-f]{11,16}-[0-9a-f]{12}\b")   # see new_job_id
@@ -193,10 +208,10 @@ CellOnLoop = Annotated[Cell, Depends(_cell_on_loop)]
 
 
 async def _page_in_thread(cell: Cell, **query: Any) -> Response:
-    """:func:`_page` in one of the few threads of LIST_LIMITER (the list routes are async:
+    """:func:`_page` in one of the few threads of the list limiter (the list routes are async:
     no thread of the shared pool for the route itself)."""
     return await anyio.to_thread.run_sync(functools.partial(_page, cell, **query),
-                                          limiter=LIST_LIMITER)
+                                          limiter=_limiter(LIST_THREADS))
 
 
 @router.get("/jobs", response_model=m.JobPage, tags=["jobs"], summary="List your jobs",
@@ -368,13 +383,13 @@ async def upload(request: Request, user: User, cell: CellDep) -> dict[str, Any]:
             size += len(chunk)
             if size >= UPLOAD_BATCH:
                 await anyio.to_thread.run_sync(upload.write, b"".join(batch),
-                                               limiter=UPLOAD_LIMITER)
+                                               limiter=_limiter(UPLOAD_THREADS))
                 batch, size = [], 0
         if batch:
             await anyio.to_thread.run_sync(upload.write, b"".join(batch),
-                                           limiter=UPLOAD_LIMITER)
+                                           limiter=_limiter(UPLOAD_THREADS))
         answer: dict[str, Any] = await anyio.to_thread.run_sync(upload.finish,
-                                                                limiter=UPLOAD_LIMITER)
+                                                                limiter=_limiter(UPLOAD_THREADS))
     except UploadTooLargeError as exc:
         raise ProblemError(413, str(exc)) from None
     except TimeoutError:

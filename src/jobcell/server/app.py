@@ -24,6 +24,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 # create_app_from_env): the home, and whether a submit may start the cell's worker.
 SERVE_HOME_ENV = "JOBCELL_SERVE_HOME"
 SERVE_AUTO_WORKER_ENV = "JOBCELL_SERVE_AUTO_WORKER"
+SERVE_PARENT_ENV = "JOBCELL_SERVE_PARENT"
+PR_SET_PDEATHSIG = 1          # prctl(2)
 
 
 def create_app(home: str | os.PathLike[str] | CellHome | None = None, *,
@@ -76,15 +78,30 @@ def create_app_from_env() -> FastAPI:
     The cell's home is ``$JOBCELL_SERVE_HOME``; ``$JOBCELL_SERVE_AUTO_WORKER`` (``0`` or
     ``1``) says whether a submit may start the cell's worker when none runs. The process
     never starts the worker when it starts: ``serve`` did that once, before it started the
-    processes. Every process runs a callback sender; each callback is claimed in the
-    database before it is sent, so senders never send one twice.
+    processes. One process at a time sends callbacks (a lock in the cell), so a job's
+    callbacks go out in order. The process ends when ``serve`` dies, even by SIGKILL.
     """
+    _die_with_parent(os.environ.get(SERVE_PARENT_ENV))
     home = os.environ.get(SERVE_HOME_ENV)
     if not home:
         raise RuntimeError(f"{SERVE_HOME_ENV} is not set (jobcell serve sets it for its "
                            "server processes)")
     auto_worker = os.environ.get(SERVE_AUTO_WORKER_ENV, "1") != "0"
     return create_app(cell=Cell(home, auto_worker=auto_worker), start_worker=False)
+
+
+def _die_with_parent(parent: str | None) -> None:
+    """Linux: get SIGTERM when the ``serve`` process that started this one dies (a
+    SIGKILL of it must not leave server processes holding the port)."""
+    if not parent or not parent.isdigit():
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != int(parent):     # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _register_problem_schema(app: FastAPI) -> None:

@@ -27,9 +27,10 @@ claimed, so a stale read never sends a delivered callback again nor overwrites i
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -53,6 +54,8 @@ LEASE_MARGIN_S = 30.0
 RECORD_RETRY_S = (0.5, 60.0)
 # How long a stopping sender waits for its cancelled tasks and hands back their claims.
 STOP_GRACE_S = 1.0
+SENDER_LOCK = "callback-sender.lock"
+LOCK_RETRY_S = 2.0      # how often a waiting sender tries to take over
 
 
 async def run(cell: Cell, stop: asyncio.Event, *, policy: RetryPolicy | None = None,
@@ -60,6 +63,36 @@ async def run(cell: Cell, stop: asyncio.Event, *, policy: RetryPolicy | None = N
     """Send due callbacks until ``stop`` is set, then return promptly: what is in
     flight then is handed back and sent again by the next server (delivery is at least
     once). A round that fails is logged, and the loop goes on."""
+    lock = await _sender_lock(cell, stop)
+    if lock is None:
+        return
+    try:
+        await _run(cell, stop, policy, poll_s, concurrency)
+    finally:
+        lock.close()
+
+
+async def _sender_lock(cell: Cell, stop: asyncio.Event) -> IO[str] | None:
+    """One sender per cell (several server processes, or servers, on one home): the
+    holder of ``locks/callback-sender.lock`` sends, so a job's callbacks go out in order;
+    the others wait to take over. None when ``stop`` comes first."""
+    handle = (cell.home.locks / SENDER_LOCK).open("a")
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=LOCK_RETRY_S)
+        except TimeoutError:
+            continue
+        handle.close()
+        return None
+
+
+async def _run(cell: Cell, stop: asyncio.Event, policy: RetryPolicy | None, poll_s: float,
+               concurrency: int) -> None:
     policy = policy or RetryPolicy.from_settings(cell.settings)
     signer = UrlSigner(load_signing_key(cell.home), cell.settings.download_url_ttl_s)
     limit = asyncio.Semaphore(concurrency)
