@@ -37,6 +37,7 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
             ("bench_slurm.py", ["--steps", "30", *where]),
             ("bench_http.py", ["--jobs", "10000", "--requests", "500", "--warmup", "50",
                                *where]),
+            ("bench_client.py", ["--tasks", "100", "--hits", "300", *where]),
         ]
     return [
         ("bench_throughput.py", ["--slots", "8", "16", *where]),
@@ -47,6 +48,7 @@ def plans(quick: bool, base: str | None) -> list[tuple[str, list[str]]]:
         ("bench_hashing.py", where),
         ("bench_slurm.py", where),
         ("bench_http.py", where),
+        ("bench_client.py", where),
     ]
 
 

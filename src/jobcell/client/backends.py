@@ -212,6 +212,9 @@ class LocalBackend:
         return await asyncio.to_thread(locked)
 
     async def initialize(self) -> bool:
+        if self._cell is not None:
+            return False        # opened already: no thread hop on every call
+
         def open_cell() -> bool:
             first = self._cell is None
             _ = self.cell
