@@ -4,23 +4,23 @@ first submit starts) runs the Python callable runners made by ``@task``."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from client_support import client_scope, names, recorded_events, task_module
 from integration_support import cleanup_cell, wait_for, write_settings
 
 from jobcell.client import (
-    CacheConfigurationSQLite,
     CacheMode,
     FileRef,
     FileRefError,
@@ -32,8 +32,6 @@ from jobcell.client import (
     scoped_config,
     task_client,
 )
-from jobcell.client import cache as client_cache
-from jobcell.client.callbacks import EVENTS
 from jobcell.service import Cell
 
 TASKS = '''
@@ -130,14 +128,8 @@ asyncio.run(main())
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The module ``client_tasks`` (in a temp folder the runners import it from)."""
-    folder = tmp_path_factory.mktemp("tasks")
-    (folder / "client_tasks.py").write_text(TASKS)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module("client_tasks")
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("client_tasks", None)
+    with task_module(tmp_path_factory.mktemp("tasks"), "client_tasks", TASKS) as module:
+        yield module
 
 
 @pytest.fixture
@@ -154,34 +146,16 @@ def client(home: Path, tmp_path: Path) -> Iterator[Any]:
     """A scope with a LocalBackend on ``home`` and a SQLite cache in ``tmp_path``;
     ``client.events`` records every event as ``(event, task, execution id)``."""
     backend = LocalBackend(home, poll_interval_s=0.02, max_poll_interval_s=0.1)
-    events: list[tuple[str, str | None, str | None]] = []
-
-    def recorder(event: str) -> Callable[[Any], None]:
-        def record(arg: Any) -> None:
-            events.append((event, getattr(arg, "task_name", None),
-                           getattr(arg, "execution_id", None)))
-        return record
-
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}")(recorder(event))
-    with scoped_config() as config:
-        config.backend = backend
-        config.cache = CacheConfigurationSQLite(file=tmp_path / "cache.sqlite")
+    with recorded_events() as events, \
+            client_scope(backend, tmp_path / "cache.sqlite") as config:
         config.events = events
         yield config
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}").clear()
-    backend.close()
-    client_cache.close_all()
 
 
 def job_count(home: Path) -> int:
     with Cell(home, auto_worker=False) as cell:
         return len(cell.list(limit=1000))
 
-
-def names(events: list[tuple[str, str | None, str | None]]) -> list[str]:
-    return [e[0] for e in events if e[0] != "progress"]
 
 
 def test_hello_gather_and_run(tasks: Any, client: Any, home: Path) -> None:
@@ -506,24 +480,26 @@ def test_interactive_interrupt_asks_whether_to_cancel(tasks: Any, home: Path, tm
     os.close(slave)
     seen = b""
 
-    def read_until(marker: bytes, timeout: float = 30.0) -> None:
+    def read_until(pattern: bytes, timeout: float = 30.0) -> re.Match[bytes]:
         nonlocal seen
         deadline = time.monotonic() + timeout
-        while marker not in seen:
+        while (match := re.search(pattern, seen)) is None:
             assert time.monotonic() < deadline, seen.decode(errors="replace")
             ready, _, _ = select.select([master], [], [], 0.2)
             if ready:
                 try:
                     seen += os.read(master, 4096)
-                except OSError:
+                except OSError:     # the script has exited
                     break
+        assert match is not None, seen.decode(errors="replace")
+        return match
     try:
-        read_until(b"EVENT submitted")
-        job_id = seen.split(b"EVENT submitted ", 1)[1].split()[0].decode()
+        # A whole line: print() writes its parts one by one to an unbuffered stream.
+        job_id = read_until(rb"EVENT submitted (\S+)\r?\n").group(1).decode()
         with Cell(home, auto_worker=False) as cell:
             wait_for(lambda: cell.status(job_id)["state"] == "running", what="running")
             first.send_signal(signal.SIGINT)
-            read_until(b"[y/N]")
+            read_until(rb"\[y/N\]")
             assert b"Cancel the running executions too?" in seen
             os.write(master, answer.encode() + b"\n")
             first.wait(timeout=30)

@@ -5,7 +5,6 @@ ASGI transport; the cell's worker daemon runs the jobs), and against a real
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import blake3
 import httpx
 import pytest
+from client_support import Events, client_scope, names, recorded_events, task_module
 from integration_support import cleanup_cell, wait_for, write_settings
 
 from jobcell.client import (
@@ -33,12 +33,10 @@ from jobcell.client import (
     RestBackend,
     TaskFailed,
     TaskRegistrationError,
-    global_config,
     scoped_config,
     task_client,
 )
 from jobcell.client import cache as client_cache
-from jobcell.client.callbacks import EVENTS
 from jobcell.client.rest import AuthenticationError, RestBackendError, normalise_url
 from jobcell.errors import ConfigError
 from jobcell.server import create_app
@@ -91,14 +89,8 @@ TASK_NAMES = ("hello", "fail", "gated", "write_text", "read_text")
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The module ``rest_tasks`` (in a temp folder the runners import it from)."""
-    folder = tmp_path_factory.mktemp("rest-tasks")
-    (folder / "rest_tasks.py").write_text(TASKS)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module("rest_tasks")
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("rest_tasks", None)
+    with task_module(tmp_path_factory.mktemp("rest-tasks"), "rest_tasks", TASKS) as module:
+        yield module
 
 
 def register_tasks(home: Path, tasks: Any) -> None:
@@ -149,41 +141,19 @@ def served(tmp_path: Path, tasks: Any) -> Iterator[Served]:
     cell.close()
 
 
-Events = list[tuple[str, str | None, str | None]]
-
-
 @pytest.fixture
 def events() -> Iterator[Events]:
     """Every event as ``(event, task, execution id)``."""
-    recorded: Events = []
-
-    def recorder(event: str) -> Callable[[Any], None]:
-        def record(arg: Any) -> None:
-            recorded.append((event, getattr(arg, "task_name", None),
-                             getattr(arg, "execution_id", None)))
-        return record
-
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}")(recorder(event))
-    yield recorded
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}").clear()
+    with recorded_events() as recorded:
+        yield recorded
 
 
 @pytest.fixture
 def client(served: Served, events: Events, tmp_path: Path) -> Iterator[Any]:
     """A scope with a RestBackend on the in-process server and a SQLite cache."""
-    backend = served.backend()
-    with scoped_config() as config:
-        config.backend = backend
-        config.cache = CacheConfigurationSQLite(file=tmp_path / "cache.sqlite")
+    with client_scope(served.backend(), tmp_path / "cache.sqlite") as config:
         yield config
-    backend.close()
-    client_cache.close_all()
 
-
-def names(events: Events) -> list[str]:
-    return [e[0] for e in events if e[0] != "progress"]
 
 
 # -- in process ---------------------------------------------------------------------------

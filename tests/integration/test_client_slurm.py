@@ -6,25 +6,20 @@ temp folder imports there too, with this venv's interpreter."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from client_support import client_scope, names, recorded_events, task_module
 from integration_support import cleanup_cell
 
 from jobcell.client import (
-    CacheConfigurationSQLite,
     FileRef,
     TaskFailed,
-    global_config,
     scoped_config,
 )
-from jobcell.client import cache as client_cache
-from jobcell.client.callbacks import EVENTS
 from jobcell.config import SlurmBackend
 from jobcell.executors.slurm import MARKER_FILE
 from jobcell.service import Cell
@@ -79,14 +74,9 @@ def fail(message: str) -> str:
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The module ``client_slurm_tasks`` (in a temp folder the runners import it from)."""
-    folder = tmp_path_factory.mktemp("slurm-tasks")
-    (folder / "client_slurm_tasks.py").write_text(TASKS)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module("client_slurm_tasks")
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("client_slurm_tasks", None)
+    with task_module(tmp_path_factory.mktemp("slurm-tasks"), "client_slurm_tasks",
+                     TASKS) as module:
+        yield module
 
 
 def make_backend(tmp_path: Path, cluster: Any, sshd: Any, **kwargs: Any) -> SlurmBackend:
@@ -115,24 +105,10 @@ def backend(tmp_path: Path, slurm_cluster: Any, sshd_server: Any) -> Iterator[Sl
 def client(backend: SlurmBackend, tmp_path: Path) -> Iterator[Any]:
     """A scope with the SlurmBackend and a SQLite cache in ``tmp_path``; ``client.events``
     records every event as ``(event, task, execution id)``."""
-    events: list[tuple[str, str | None, str | None]] = []
-
-    def recorder(event: str) -> Callable[[Any], None]:
-        def record(arg: Any) -> None:
-            events.append((event, getattr(arg, "task_name", None),
-                           getattr(arg, "execution_id", None)))
-        return record
-
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}")(recorder(event))
-    with scoped_config() as config:
-        config.backend = backend
-        config.cache = CacheConfigurationSQLite(file=tmp_path / "cache.sqlite")
+    with recorded_events() as events, \
+            client_scope(backend, tmp_path / "cache.sqlite") as config:
         config.events = events
         yield config
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}").clear()
-    client_cache.close_all()
 
 
 def task_step(backend: SlurmBackend, execution_id: str) -> dict[str, Any]:
@@ -147,9 +123,6 @@ def scontrol(cluster: Any, backend_id: str) -> str:
     assert answer.returncode == 0, answer.stderr
     return answer.stdout
 
-
-def names(events: list[tuple[str, str | None, str | None]]) -> list[str]:
-    return [e[0] for e in events if e[0] != "progress"]
 
 
 @slurm

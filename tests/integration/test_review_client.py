@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import importlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from client_support import Events, client_scope, names, recorded_events, task_module
 from integration_support import cleanup_cell, wait_for, write_settings
 
 from jobcell.client import (
@@ -30,12 +30,10 @@ from jobcell.client import (
     LocalBackend,
     RestBackend,
     TaskFailed,
-    global_config,
     scoped_config,
     task_client,
 )
 from jobcell.client import cache as client_cache
-from jobcell.client.callbacks import EVENTS
 from jobcell.errors import JobcellError
 from jobcell.server import create_app
 from jobcell.service import Cell
@@ -94,14 +92,9 @@ SECRET = "server-side secret, not anybody's upload"
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    folder = tmp_path_factory.mktemp("review-tasks")
-    (folder / "review_tasks.py").write_text(TASKS)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module("review_tasks")
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("review_tasks", None)
+    with task_module(tmp_path_factory.mktemp("review-tasks"), "review_tasks",
+                     TASKS) as module:
+        yield module
 
 
 @pytest.fixture
@@ -112,39 +105,17 @@ def home(tmp_path: Path) -> Iterator[Path]:
     cleanup_cell(Cell(root, auto_worker=False))
 
 
-Events = list[tuple[str, str | None, str | None]]
-
-
 @pytest.fixture
 def events() -> Iterator[Events]:
-    recorded: Events = []
-
-    def recorder(event: str) -> Callable[[Any], None]:
-        def record(arg: Any) -> None:
-            recorded.append((event, getattr(arg, "task_name", None),
-                             getattr(arg, "execution_id", None)))
-        return record
-
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}")(recorder(event))
-    yield recorded
-    for event in EVENTS:
-        getattr(global_config, f"on_{event}").clear()
+    with recorded_events() as recorded:
+        yield recorded
 
 
 @pytest.fixture
 def client(home: Path, tmp_path: Path, events: Events) -> Iterator[Any]:
     backend = LocalBackend(home, poll_interval_s=0.02, max_poll_interval_s=0.1)
-    with scoped_config() as config:
-        config.backend = backend
-        config.cache = CacheConfigurationSQLite(file=tmp_path / "cache.sqlite")
+    with client_scope(backend, tmp_path / "cache.sqlite") as config:
         yield config
-    backend.close()
-    client_cache.close_all()
-
-
-def names(events: Events) -> list[str]:
-    return [e[0] for e in events if e[0] != "progress"]
 
 
 def jobs(home: Path) -> list[dict[str, Any]]:
