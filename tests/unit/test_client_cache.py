@@ -324,3 +324,25 @@ def test_task_client_validates_with_a_schema(env: Any) -> None:
     with pytest.raises(TypeError, match="expected integer"):
         client(x="one")
     assert asyncio.run(client(x=1)) == "out"
+
+
+@pytest.mark.parametrize("mode", [CacheMode.FULLY_CACHED, CacheMode.RESTART_FAILED,
+                                  CacheMode.REATTACH_ONLY])
+@pytest.mark.parametrize("now", ["succeeded", "failed"])
+def test_pending_entry_that_finished_while_detached(env: Any, mode: CacheMode,
+                                                   now: str) -> None:
+    """The entry says pending; the backend says the execution has finished since. A
+    success is the work every re-attaching mode came for; a failure is restarted by the
+    modes that do not use failed entries."""
+    fake = env.fake
+    old = fake.add(now, "from the old run")
+    env.cache.storage().put(KEY, new_entry(old, "running", fake.identity, "echo", "1.0"))
+    env.cache.mode = mode
+    fake.outcome = ("succeeded", "new")
+    restart = now == "failed" and mode is not CacheMode.FULLY_CACHED
+    if now == "failed" and not restart:
+        with pytest.raises(TaskFailed):
+            run(env)
+    else:
+        assert run(env) == ("new" if restart else "from the old run")
+    assert len(fake.submitted) == (1 if restart else 0)

@@ -382,9 +382,11 @@ async def execute(definition: TaskDefinition, label: str, params: dict[str, Any]
         if status is None:
             decision = "miss"   # the backend no longer has it: the cache is only an index
         else:
-            # The state the backend reports now may make the entry unusable: a detached
-            # execution that failed since is restarted in RESTART_FAILED.
-            if decide(mode, replace(entry, state=entry_state(status.state))) == "ignore":
+            # A detached execution that failed since the entry was written is restarted
+            # by the modes that do not use failed entries (RESTART_FAILED, REATTACH_ONLY);
+            # one that succeeded meanwhile is the work they re-attach for.
+            now = entry_state(status.state)
+            if now == "failed" and decide(mode, replace(entry, state=now)) == "ignore":
                 decision = "ignore"
         if decision in ("use", "reattach"):
             assert entry is not None and status is not None
