@@ -102,6 +102,9 @@ def test_extract_files(tmp_path: Path) -> None:
     assert files["b/0/r.csv"] is ref and files["a/one.txt"].path == str(one)
     # Strings are files only for params annotated as files.
     assert extract_files({"c": str(one)}, set()) == ({"c": str(one)}, {})
+    for nested in ({"d": {"file": one}}, {"d": [1, one]}, {"d": [[one]]}):
+        with pytest.raises(TypeError, match="not nested deeper"):
+            extract_files(nested, set())
 
 
 def test_node_resources_and_execution_spec() -> None:

@@ -327,7 +327,21 @@ def extract_files(params: dict[str, Any],
                 names.append(staged_name(key, item_ref.basename, i))
                 files[names[-1]] = item_ref
             out[key] = names
+        elif _holds_file(value):
+            raise TypeError(f"param {key!r}: a file (FileRef or path) can be a param's value "
+                            "or an item of a list param, not nested deeper (in a dict, or "
+                            "in a list with other values)")
     return out, files
+
+
+def _holds_file(value: Any) -> bool:
+    if isinstance(value, (FileRef, os.PathLike)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_file(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_file(v) for v in value.values())
+    return False
 
 
 def _digest(ref: FileRef) -> str:
