@@ -15,6 +15,28 @@ from jobcell.client import CacheConfigurationSQLite, TaskConfig, global_config, 
 from jobcell.client import cache as client_cache
 from jobcell.client.callbacks import EVENTS
 
+# Tasks every client test module has (a module's source starts with its imports, then
+# these): a greeting, a failure with a log line, and one that waits for a gate file.
+COMMON_TASKS = '''
+
+@task(version="1.0", memory_mb=64)
+def hello(name: str) -> str:
+    return f"Hello, {name}!"
+
+
+@task(version="1.0", memory_mb=64)
+def fail(message: str) -> str:
+    print("about to fail", flush=True)
+    raise ValueError(message)
+
+
+@task(version="1.0", memory_mb=64)
+def gated(gate: str, tag: str) -> str:
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return f"opened {tag}"
+'''
+
 # Every event as (event, task name, execution id).
 Events = list[tuple[str, str | None, str | None]]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_support import client_scope, names, recorded_events, task_module
+from client_support import COMMON_TASKS, client_scope, names, recorded_events, task_module
 from integration_support import cleanup_cell, wait_for, write_settings
 
 from jobcell.client import (
@@ -42,29 +42,12 @@ from pathlib import Path
 
 from jobcell import FileRef, StepContext
 from jobcell.client import task
-
-
-@task(version="1.0", memory_mb=64)
-def hello(name: str) -> str:
-    return f"Hello, {name}!"
+''' + COMMON_TASKS + '''
 
 
 @task(version="1.0", memory_mb=64)
 def add(a: int, b: int = 2) -> int:
     return a + b
-
-
-@task(version="1.0", memory_mb=64)
-def fail(message: str) -> str:
-    print("about to fail", flush=True)
-    raise ValueError(message)
-
-
-@task(version="1.0", memory_mb=64)
-def gated(gate: str, tag: str) -> str:
-    while not os.path.exists(gate):
-        time.sleep(0.02)
-    return f"opened {tag}"
 
 
 @task(version="1.0", memory_mb=64)

@@ -21,7 +21,7 @@ from typing import Any
 import blake3
 import httpx
 import pytest
-from client_support import Events, client_scope, names, recorded_events, task_module
+from client_support import COMMON_TASKS, Events, client_scope, names, recorded_events, task_module
 from integration_support import cleanup_cell, wait_for, write_settings
 
 from jobcell.client import (
@@ -52,24 +52,7 @@ import time
 from typing import Any
 
 from jobcell.client import FileRef, task
-
-
-@task(version="1.0", memory_mb=64)
-def hello(name: str) -> str:
-    return f"Hello, {name}!"
-
-
-@task(version="1.0", memory_mb=64)
-def fail(message: str) -> str:
-    print("about to fail", flush=True)
-    raise ValueError(message)
-
-
-@task(version="1.0", memory_mb=64)
-def gated(gate: str, tag: str) -> str:
-    while not os.path.exists(gate):
-        time.sleep(0.02)
-    return f"opened {tag}"
+''' + COMMON_TASKS + '''
 
 
 @task(version="1.0", memory_mb=64)
